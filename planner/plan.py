@@ -51,6 +51,13 @@ class JobSpec:
     prefer: str = "balanced"
     backend: str = "unsloth"
     safety_margin: float = 0.10  # fraction of each GPU's memory the plan keeps free
+    # Pins: None lets the planner choose; a value forces that choice on every node type (and the
+    # planner says when it does not fit rather than silently picking something else).
+    quantization: str | None = None
+    optimizer: str | None = None
+    micro_batch_size: int | None = None
+    gradient_checkpointing: str | None = None
+    double_quant: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -69,6 +76,12 @@ class JobSpec:
             problems.append("lora_targets is empty: name modules (q_proj,v_proj,...) or 'all'")
         _check_choice(problems, "prefer", self.prefer, PREFERENCES)
         _check_choice(problems, "backend", self.backend, BACKENDS)
+        for name, choices in (("quantization", QUANTIZATIONS), ("optimizer", OPTIMIZERS),
+                              ("gradient_checkpointing", CHECKPOINTING)):
+            if getattr(self, name) is not None:
+                _check_choice(problems, name, getattr(self, name), choices)
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            problems.append(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         _raise_if(problems, "job")
 
     @property
