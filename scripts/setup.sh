@@ -12,7 +12,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 # --no-deps: the lock is complete, and unsloth's own metadata would pull xformers and a CUDA torch.
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r requirements/cpu.lock
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+pip_install() {
+  # This machine's pip config names optional local mirrors; drop pip's notes about absent ones.
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+pip_install -r requirements/cpu.lock
+pip_install --no-build-isolation -e .
 echo "$want" > "$stamp"
 echo "rayquant installed in $venv"
