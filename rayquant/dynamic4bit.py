@@ -1,0 +1,277 @@
+"""Dynamic 4-bit: NF4 with double quantization, sensitive modules kept in 16-bit under a byte budget.
+
+Which modules stay 16-bit, in order, while the node's spare memory (``NodePlan.protected_budget_bytes``)
+lasts: first the projections of the first and last decoder layers (they see the raw embeddings and
+feed the head; Unsloth's dynamic 4-bit quants keep such modules unquantized for the same reason), then
+the other projections ranked by their measured NF4 error on the actual weights. The error of a module
+is ``||W - dequant(quant(W))|| / ||W||`` with bitsandbytes' own quantize_4bit/dequantize_4bit, measured
+when the worker loads (from the safetensors files, one tensor at a time, without building the model).
+
+Use it from a worker::
+
+    errors = measure_errors_from_checkpoint(model_dir, device="cuda")
+    protection = select_protected(errors, node_plan.protected_budget_bytes)
+    model = from_pretrained(..., quantization_config=bnb_quantization_config(protection.protected, dtype))
+    restore_protected_modules(model, model_dir, protection.protected)  # no-op where the config was honoured
+
+Everything above the torch-using functions is plain Python, so selection is cheap to test exhaustively.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+# bitsandbytes' defaults for NF4 (bitsandbytes/functional.py quantize_4bit: blocksize=64; with
+# compress_statistics the per-block fp32 absmax is itself quantized to 8 bits in blocks of 256).
+NF4_BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+# Modules bitsandbytes never quantizes in our loads (Unsloth's SKIP_QUANTIZATION_MODULES, unsloth_zoo/
+# peft_utils.py): they are 16-bit already, so protecting them costs nothing and gains nothing.
+ALREADY_16BIT = ("lm_head", "router", "mlp.gate", "block_sparse_moe.gate", "moe.gate", "mamba",
+                 "vision_tower", "audio_tower", "multi_modal_projector")
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> int:
+    """Bytes of one weight in NF4: packed 4-bit values plus the per-block absmax.
+
+    Packed values: ceil(n/2) uint8 (two 4-bit codes per byte). absmax: one fp32 per block of 64, or
+    with double quantization one uint8 per block plus one fp32 per 256 blocks (QLoRA, Dettmers et al.
+    2023, sec. 3: 4 + 8/64 + 32/(64*256) = 4.127 bits/param). The per-tensor constants (two 256-entry
+    code books, an offset) are left out, which makes the protection cost below an upper bound.
+    """
+    blocks = math.ceil(numel / blocksize)
+    absmax = blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + absmax
+
+
+def protect_cost_bytes(numel: int, double_quant: bool = True, bytes_per_param_16bit: int = 2) -> int:
+    """Extra bytes of keeping one weight in 16-bit instead of NF4 (biases are 16-bit either way)."""
+    return bytes_per_param_16bit * numel - nf4_bytes(numel, double_quant)
+
+
+@dataclass(frozen=True)
+class ModuleError:
+    """The measured NF4 error of one linear layer's weight."""
+
+    name: str  # module name as in model.named_modules(), e.g. "model.layers.0.self_attn.q_proj"
+    layer: int  # decoder layer index
+    numel: int  # weight elements
+    relative_error: float  # ||W - dq(q(W))||_F / ||W||_F
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Which modules stay 16-bit and what that costs: goes into the manifest as `as_dict()`."""
+
+    protected: tuple[str, ...]
+    cost_bytes: int  # sum of protect_cost_bytes over `protected`
+    budget_bytes: int
+    candidates: int  # quantizable modules considered
+    reasons: Mapping[str, str] = field(default_factory=dict)  # module -> why it is protected
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "protected", tuple(self.protected))
+        object.__setattr__(self, "reasons", dict(self.reasons))
+        if self.cost_bytes > self.budget_bytes:
+            raise ValueError(f"protection costs {self.cost_bytes} bytes, over its budget of "
+                             f"{self.budget_bytes}")
+
+    def as_dict(self) -> dict:
+        return {"protected_modules": list(self.protected), "protected_cost_bytes": self.cost_bytes,
+                "protected_budget_bytes": self.budget_bytes, "candidates": self.candidates,
+                "reasons": dict(self.reasons)}
+
+
+def select_protected(errors: Sequence[ModuleError], budget_bytes: int,
+                     double_quant: bool = True) -> Protection:
+    """Choose the modules to keep in 16-bit: edge layers first, then by NF4 error, within the budget.
+
+    Greedy in that order; a module that does not fit is passed over for smaller ones after it, so the
+    budget is never exceeded and no unprotected module would still fit in what is left.
+    """
+    if budget_bytes < 0:
+        raise ValueError(f"protected budget must be >= 0 bytes, got {budget_bytes}")
+    if not errors:
+        return Protection((), 0, budget_bytes, 0)
+    first, last = min(e.layer for e in errors), max(e.layer for e in errors)
+    by_error = sorted(errors, key=lambda e: (-e.relative_error, e.name))
+    edges = [e for e in by_error if e.layer in (first, last)]
+    rest = [e for e in by_error if e.layer not in (first, last)]
+    chosen, reasons, spent = [], {}, 0
+    for rank, e in enumerate(edges + rest, start=1):
+        cost = protect_cost_bytes(e.numel, double_quant)
+        if spent + cost > budget_bytes:
+            continue
+        spent += cost
+        chosen.append(e.name)
+        where = "first decoder layer" if e.layer == first else "last decoder layer"
+        reasons[e.name] = (where if e.layer in (first, last) else
+                           f"NF4 error {e.relative_error:.4f} (rank {rank - len(edges)} of {len(rest)})")
+    return Protection(tuple(chosen), spent, budget_bytes, len(errors), reasons)
+
+
+def _is_candidate(module_name: str) -> bool:
+    if _LAYER_RE.search(module_name) is None:
+        return False
+    leaf_path = module_name + "."
+    return not any(f".{skip}." in "." + leaf_path for skip in ALREADY_16BIT)
+
+
+def _layer_of(module_name: str) -> int:
+    return int(_LAYER_RE.search(module_name).group(1))
+
+
+# ---- measuring (torch + bitsandbytes) --------------------------------------------------------------
+
+def nf4_relative_error(weight, double_quant: bool = True, max_elements: int | None = None) -> float:
+    """||W - dequantize_4bit(quantize_4bit(W))|| / ||W|| with bitsandbytes' NF4, on W's device.
+
+    With max_elements, evenly spaced whole rows stand in for the weight (NF4 blocks run along rows, so
+    the sample's error estimates the whole weight's); used on CPU where quantizing 8B weights is slow.
+    """
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    w = weight.detach()
+    if w.dim() != 2:
+        w = w.reshape(w.shape[0], -1)
+    if max_elements is not None and w.numel() > max_elements:
+        rows = max(1, max_elements // w.shape[1])
+        idx = torch.linspace(0, w.shape[0] - 1, rows, device=w.device).round().long().unique()
+        w = w.index_select(0, idx)
+    if not w.dtype.is_floating_point or w.dtype == torch.float64:
+        w = w.float()
+    w = w.to(torch.bfloat16) if w.dtype == torch.float32 else w
+    q, state = bnbf.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, quant_type="nf4",
+                                  compress_statistics=double_quant)
+    dq = bnbf.dequantize_4bit(q, state)
+    ref = w.float()
+    norm = ref.norm().item()
+    return 0.0 if norm == 0.0 else (dq.float() - ref).norm().item() / norm
+
+
+def _safetensors_files(model_dir: str | Path) -> list[Path]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors files in {model_dir}: dynamic 4-bit measures NF4 error on the "
+            "checkpoint's weights. To fix: point at a model directory saved with safe_serialization "
+            "(or use quantization 'nf4')")
+    return files
+
+
+def measure_errors_from_checkpoint(model_dir: str | Path, device: str | None = None,
+                                   double_quant: bool = True,
+                                   max_elements: int | None = None) -> list[ModuleError]:
+    """NF4 error of every quantizable decoder projection, reading one tensor at a time.
+
+    `device`: where to quantize (default: "cuda" when available, else "cpu" with max_elements 2**22).
+    """
+    import torch
+    from safetensors import safe_open
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if max_elements is None and device == "cpu":
+        max_elements = 2**22
+    out = []
+    for path in _safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if not key.endswith(".weight"):
+                    continue
+                name = key[: -len(".weight")]
+                if not _is_candidate(name):
+                    continue
+                shape = f.get_slice(key).get_shape()
+                if len(shape) != 2:
+                    continue
+                w = f.get_tensor(key).to(device)
+                err = nf4_relative_error(w, double_quant, max_elements)
+                out.append(ModuleError(name, _layer_of(name), int(shape[0] * shape[1]), err))
+                del w
+    return sorted(out, key=lambda e: e.name)
+
+
+def measure_errors_from_model(model, double_quant: bool = True,
+                              max_elements: int | None = None) -> list[ModuleError]:
+    """The same measurement on a loaded 16-bit model's nn.Linear layers."""
+    from torch import nn
+
+    return sorted((ModuleError(name, _layer_of(name), m.weight.numel(),
+                               nf4_relative_error(m.weight, double_quant, max_elements))
+                   for name, m in model.named_modules()
+                   if type(m) is nn.Linear and _is_candidate(name)), key=lambda e: e.name)
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+def bnb_quantization_config(protected: Iterable[str], compute_dtype, double_quant: bool = True):
+    """transformers' BitsAndBytesConfig for NF4 with `protected` (full module names) left 16-bit.
+
+    transformers matches skip entries as a prefix, a regex from the start or a suffix
+    (quantizers/quantizers_utils.py should_convert_module); full names match exactly one module.
+    Unsloth's GPU loader keeps a caller's BitsAndBytesConfig as given (models/llama.py: "a
+    BitsAndBytesConfig passed by the caller stays authoritative"); its CPU fallback drops it, which
+    is what restore_protected_modules repairs.
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=list(ALREADY_16BIT) + list(protected))
+
+
+def restore_protected_modules(model, model_dir: str | Path, protected: Iterable[str]) -> list[str]:
+    """Replace any protected module that was loaded as bitsandbytes Linear4bit by a 16-bit nn.Linear
+    holding the checkpoint's original weights (not the dequantized ones). Returns the names replaced.
+
+    Call after loading and before applying LoRA. A module already 16-bit is left alone.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from safetensors import safe_open
+
+    wanted = {}
+    for name in protected:
+        module = model.get_submodule(name)
+        if isinstance(module, bnb.nn.Linear4bit):
+            wanted[name] = module
+    if not wanted:
+        return []
+    found = {}
+    for path in _safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for name in wanted:
+                if f"{name}.weight" in keys:
+                    found[name] = f.get_tensor(f"{name}.weight")
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise KeyError(f"protected modules not in the checkpoint {model_dir}: {missing}")
+    for name, old in wanted.items():
+        dtype = getattr(old, "compute_dtype", None) or torch.bfloat16
+        device = old.weight.device
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None,
+                              device="meta")
+        new.weight = torch.nn.Parameter(found[name].to(device=device, dtype=dtype), requires_grad=False)
+        if old.bias is not None:
+            new.bias = torch.nn.Parameter(old.bias.detach().to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return sorted(wanted)
+
+
+def protected_weight_bytes(model, protected: Iterable[str]) -> int:
+    """Bytes the protected modules' weights really hold once loaded (for the manifest)."""
+    total = 0
+    for name in protected:
+        w = model.get_submodule(name).weight
+        total += w.numel() * w.element_size()
+    return total

@@ -1,0 +1,180 @@
+"""Dynamic 4-bit on CPU with real bitsandbytes: byte accounting, selection under a budget, real loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rayquant.dynamic4bit import (
+    ModuleError,
+    bnb_quantization_config,
+    measure_errors_from_checkpoint,
+    measure_errors_from_model,
+    nf4_bytes,
+    protect_cost_bytes,
+    restore_protected_modules,
+    select_protected,
+)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 96), (512, 256), (4096, 64)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_match_bitsandbytes_storage(shape, double_quant):
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(*shape, dtype=torch.bfloat16)
+    q, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    real = q.numel() * q.element_size() + state.absmax.numel() * state.absmax.element_size()
+    if double_quant:
+        real += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    assert nf4_bytes(w.numel(), double_quant) == real
+    assert protect_cost_bytes(w.numel(), double_quant) == 2 * w.numel() - real
+
+
+_errors = st.lists(
+    st.builds(lambda layer, rows, err: (layer, rows * 64, err),
+              st.integers(0, 5), st.integers(1, 64), st.floats(0.0, 1.0)),
+    min_size=1, max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=_errors, budget=st.integers(0, 200_000), double_quant=st.booleans())
+def test_selection_never_exceeds_budget_and_leaves_nothing_that_fits(raw, budget, double_quant):
+    errors = [ModuleError(f"model.layers.{layer}.mlp.m{i}", layer, numel, err)
+              for i, (layer, numel, err) in enumerate(raw)]
+    p = select_protected(errors, budget, double_quant)
+    cost = {e.name: protect_cost_bytes(e.numel, double_quant) for e in errors}
+    assert p.cost_bytes == sum(cost[n] for n in p.protected) <= budget
+    assert len(set(p.protected)) == len(p.protected)
+    left = budget - p.cost_bytes
+    assert all(cost[e.name] > left for e in errors if e.name not in p.protected)
+    # Edge layers come first: a middle module is protected only if every edge module that is left
+    # out could not have fitted at the time it was considered (it is bigger than the budget).
+    first, last = min(e.layer for e in errors), max(e.layer for e in errors)
+    middle_taken = any(e.layer not in (first, last) and e.name in p.protected for e in errors)
+    if middle_taken:
+        for e in errors:
+            if e.layer in (first, last) and e.name not in p.protected:
+                assert cost[e.name] > budget - sum(cost[n] for n in p.protected
+                                                   if n.split(".")[2] in (str(first), str(last)))
+
+
+def test_selection_order_edges_then_error():
+    mk = lambda layer, name, err: ModuleError(f"model.layers.{layer}.{name}", layer, 64 * 64, err)
+    errors = [mk(0, "q", 0.01), mk(3, "q", 0.02), mk(1, "q", 0.5), mk(2, "q", 0.3), mk(2, "k", 0.1)]
+    one = protect_cost_bytes(64 * 64)
+    assert select_protected(errors, 2 * one).protected == ("model.layers.3.q", "model.layers.0.q")
+    p = select_protected(errors, 4 * one)
+    assert p.protected[2:] == ("model.layers.1.q", "model.layers.2.q")
+    assert "NF4 error 0.5000" in p.reasons["model.layers.1.q"]
+    assert select_protected(errors, one - 1).protected == ()
+    assert select_protected([], 10).protected == ()
+    with pytest.raises(ValueError, match=">= 0"):
+        select_protected(errors, -1)
+
+
+@pytest.fixture(scope="module")
+def four_layer_llama(tmp_path_factory):
+    """A 4-layer tiny Llama whose layer-2 down_proj has outliers, so NF4 hurts it most."""
+    from safetensors.torch import load_file, save_file
+
+    from rayquant.tiny import make_tiny_model
+
+    d = make_tiny_model(tmp_path_factory.mktemp("d4") / "llama4", arch="llama", num_hidden_layers=4)
+    path = d / "model.safetensors"
+    tensors = load_file(str(path))
+    w = tensors["model.layers.2.mlp.down_proj.weight"].float()
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, w.numel(), (w.numel() // 64,), generator=gen)
+    w.view(-1)[idx] *= 40.0  # about one outlier per NF4 block: its absmax swamps the other 63 values
+    tensors["model.layers.2.mlp.down_proj.weight"] = w.to(torch.bfloat16)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return d
+
+
+def test_measured_errors_rank_the_outlier_module_first(four_layer_llama):
+    errors = measure_errors_from_checkpoint(four_layer_llama, device="cpu")
+    names = {e.name for e in errors}
+    assert len(errors) == 4 * 7 and "model.layers.0.self_attn.q_proj" in names
+    assert not any("lm_head" in n or "embed" in n or "norm" in n for n in names)
+    worst = max(errors, key=lambda e: e.relative_error)
+    assert worst.name == "model.layers.2.mlp.down_proj"
+    # The loaded model gives the same numbers as reading the files.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(four_layer_llama), dtype=torch.bfloat16)
+    from_model = {e.name: e.relative_error for e in measure_errors_from_model(model)}
+    assert from_model == pytest.approx({e.name: e.relative_error for e in errors}, rel=1e-6)
+
+
+def _load_4bit(model_dir, protected):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.bfloat16, device_map="cpu",
+        quantization_config=bnb_quantization_config(protected, torch.bfloat16))
+
+
+def _logit_error(model, ref_logits, ids):
+    with torch.no_grad():
+        out = model(ids).logits.float()
+    return ((out - ref_logits).norm() / ref_logits.norm()).item()
+
+
+def test_protected_modules_stay_16bit_and_lower_the_error(four_layer_llama):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    errors = measure_errors_from_checkpoint(four_layer_llama, device="cpu")
+    edge_cost = sum(protect_cost_bytes(e.numel) for e in errors if e.layer in (0, 3))
+    outlier = next(e for e in errors if e.name == "model.layers.2.mlp.down_proj")
+    budget = edge_cost + protect_cost_bytes(outlier.numel)
+    protection = select_protected(errors, budget)
+    assert protection.cost_bytes <= budget
+    assert "model.layers.2.mlp.down_proj" in protection.protected
+    assert len(protection.protected) == 2 * 7 + 1
+
+    dyn = _load_4bit(four_layer_llama, protection.protected)
+    plain = _load_4bit(four_layer_llama, [])
+    for name, module in dyn.named_modules():
+        if name in protection.protected:
+            assert type(module) is nn.Linear and module.weight.dtype == torch.bfloat16
+        elif name.endswith("_proj"):
+            assert isinstance(module, bnb.nn.Linear4bit)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules()) == 4 * 7
+
+    ref = AutoModelForCausalLM.from_pretrained(str(four_layer_llama), dtype=torch.bfloat16)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref_logits = ref(ids).logits.float()
+    assert _logit_error(dyn, ref_logits, ids) < _logit_error(plain, ref_logits, ids)
+    # The protected weights are the checkpoint's own, not a dequantized copy.
+    assert torch.equal(dyn.get_submodule("model.layers.2.mlp.down_proj").weight,
+                       ref.get_submodule("model.layers.2.mlp.down_proj").weight)
+
+
+def test_unsloth_cpu_load_then_restore(four_layer_llama):
+    """Unsloth's CPU loader drops a caller's quantization_config; restore_protected_modules repairs it."""
+    import bitsandbytes as bnb
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(four_layer_llama), max_seq_length=64,
+                                                 load_in_4bit=True, dtype=torch.bfloat16)
+    protected = ["model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"]
+    assert isinstance(model.get_submodule(protected[1]), bnb.nn.Linear4bit)
+    assert restore_protected_modules(model, four_layer_llama, protected) == sorted(protected)
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in protected)
+    assert restore_protected_modules(model, four_layer_llama, protected) == []
+    ids = torch.randint(0, 100, (1, 16))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_no_safetensors_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(FileNotFoundError, match="To fix"):
+        measure_errors_from_checkpoint(tmp_path, device="cpu")
