@@ -1,0 +1,422 @@
+"""Peak memory of one training worker: one named term per component, each with its source.
+
+`estimate_memory` models what the real stack allocates (Unsloth or plain HF + PEFT + bitsandbytes +
+TRL), read from their source in site-packages; nothing here is fitted to measurements. The terms:
+
+  weights      base weights by scheme (16-bit, NF4 with or without double quant, FP8 + row scales;
+               dynamic 4-bit = NF4 + the 16-bit modules it protects); embeddings, lm_head, norms
+               and biases always stay 16-bit
+  adapters     LoRA A/B in fp32 (PEFT upcasts adapters, see `_ADAPTER_BYTES`)
+  gradients    one gradient per trainable parameter, in the parameter's dtype
+  optimizer    AdamW states (torch: two tensors of the parameter's dtype; bitsandbytes 8-bit: two
+               uint8 states + fp32 absmax per 256-block, small tensors in 32-bit)
+  activations  what autograd keeps for the backward, by checkpointing mode
+  logits       the LM head's logits and the loss (full fp32 with `hf`, chunked with `unsloth`)
+  overhead     CUDA context, cuBLAS workspace and caching-allocator slack
+
+Sizes are bytes. "b" is the micro-batch, "s" the sequence length, "h" the hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from planner.hardware import GpuSpec
+from planner.model import LinearShape, ModelSpec
+from planner.plan import DEFAULT_LORA_TARGETS, MemoryBreakdown, PlanError
+
+MIB = 1024**2
+GIB = 1024**3
+
+# -- weights ---------------------------------------------------------------------------------
+# bitsandbytes Params4bit / quantize_4bit (bitsandbytes/nn/modules.py, functional.py): NF4 packs two
+# 4-bit codes per uint8 and keeps one absmax per block of 64 values (blocksize defaults to 64).
+NF4_BLOCK = 64
+# Double quantization (QLoRA paper sec. 3; bitsandbytes `compress_statistics=True`): the fp32
+# absmax is itself quantized blockwise to uint8 with a second block size of 256, keeping one fp32
+# absmax per 256 first-level blocks, a 256-entry fp32 code book and an fp32 offset per tensor.
+NF4_DQ_BLOCK = 256
+NF4_DQ_CODE_BYTES = 256 * 4 + 4
+NF4_CODE_BYTES = 16 * 4  # the 16-value NF4 code book each QuantState holds (get_4bit_type)
+# FP8 (Unsloth load_in_fp8 / torchao Float8 row-wise, and our rowwise linear): 1 byte per weight plus
+# one fp32 scale per output row.
+FP8_SCALE_BYTES = 4
+
+# -- adapters, gradients, optimizer ----------------------------------------------------------
+# PEFT creates lora_A/lora_B as nn.Linear (fp32 by default), moves them to the base weight's dtype
+# when it is a float (LoraLayer._move_adapter_to_device_of_base_layer), then `cast_adapter_dtype`
+# (peft/tuners/tuners_utils.py, autocast_adapter_dtype=True by default, which Unsloth keeps) upcasts
+# bf16/fp16 adapters back to fp32. 4-bit bases are uint8, so the adapters stay fp32 there too.
+_ADAPTER_BYTES = 4
+# bitsandbytes Optimizer2State.init_state (bitsandbytes/optim/optimizer.py): tensors with fewer than
+# min_8bit_size=4096 elements keep two fp32 states; larger ones two uint8 states plus one fp32 absmax
+# per 256-value block for each; two shared 256-entry fp32 quantization maps (qmap1/qmap2).
+BNB_MIN_8BIT_SIZE = 4096
+BNB_OPT_BLOCK = 256
+BNB_QMAP_BYTES = 2 * 256 * 4
+# Paged optimizers put states of tensors with >= 1e5 elements in CUDA unified memory (same file,
+# `if not self.is_paged or p.numel() < 1e5`): the driver evicts them to host RAM under pressure.
+BNB_PAGED_MIN_NUMEL = 100_000
+
+# -- overhead --------------------------------------------------------------------------------
+# CUDA context of a PyTorch process with lazy module loading (CUDA 12, the default since torch 2.1):
+# 300-600 MiB depending on GPU and driver; transformers' model_memory_anatomy measured 1,343 MB with
+# eager loading. We take 512 MiB. It is outside torch's allocator but inside NVML's total.
+CUDA_CONTEXT_BYTES = 512 * MIB
+# cuBLAS(Lt) workspaces: torch allocates 32 MiB per handle/stream on Hopper (4 MiB before), plus
+# the flash/SDPA and cuDNN scratch: 64 MiB together.
+CUDA_WORKSPACE_BYTES = 64 * MIB
+# Caching-allocator slack on the dynamic (per-step) allocations: blocks are rounded to 512 B and
+# carved from 2/20 MiB segments, so reserved exceeds allocated by a few percent; we keep 5%.
+ALLOCATOR_SLACK = 0.05
+
+# -- logits ----------------------------------------------------------------------------------
+# unsloth_zoo/fused_losses/cross_entropy_loss.py: the fused CE loss splits rows so that one chunk's
+# transient (`_CE_BYTES_PER_LOGIT` = 16 bytes per logit) fits a target of half the free memory
+# capped at `_CE_TARGET_GB_CAP` = 4 GiB. We assume the cap (conservative on nearly full GPUs).
+UNSLOTH_CE_BYTES_PER_LOGIT = 16
+UNSLOTH_CE_TARGET_BYTES = 4 * GIB
+# transformers ForCausalLMLoss (loss/loss_utils.py) with the hf backend: lm_head writes 16-bit
+# logits (2 B, kept in the model output that TRL reads), `logits.float()` + log_softmax keeps the fp32
+# log-probabilities (4 B) for the backward, and the backward holds the fp32 incoming gradient (4 B)
+# and the fp32 input gradient (4 B) at once: 14 bytes per logit at the peak.
+HF_LOGIT_BYTES = 2 + 4 + 4 + 4
+
+COMPUTE_BYTES = 2  # bf16 / fp16
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted memory of one worker; `breakdown` sums to `peak_bytes` (on its busiest GPU)."""
+
+    breakdown: MemoryBreakdown
+    peak_bytes: int
+    host_bytes: int  # host RAM one worker adds (offloaded activations, paged optimizer states)
+    capacity_bytes: int  # the device's memory
+    trainable_params: int
+    # Bytes each module needs (static state + what it keeps for the backward), keyed by HF module
+    # name (model.embed_tokens, model.layers.N, model.norm, lm_head): the layer map's input.
+    module_bytes: Mapping[str, int]
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Peak of torch's allocator (max_memory_allocated): the peak without context and slack."""
+        return self.peak_bytes - self.breakdown.overhead
+
+    def fits(self, safety_margin: float = 0.0) -> bool:
+        return self.peak_bytes <= budget_bytes(self.capacity_bytes, safety_margin)
+
+
+def budget_bytes(capacity_bytes: int, safety_margin: float) -> int:
+    """The bytes a plan may use on a device: its memory less the safety margin."""
+    return int(capacity_bytes * (1.0 - safety_margin))
+
+
+def is_cpu(gpu: GpuSpec) -> bool:
+    """The CPU pseudo-device (compute capability (0, 0)): same formulas against host memory."""
+    return tuple(gpu.compute_capability) == (0, 0)
+
+
+# -- per-tensor byte counts -----------------------------------------------------------------------
+def nf4_tensor_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of one bitsandbytes NF4 weight: packed codes + its QuantState (absmax, code books)."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    packed = math.ceil(numel / 2)
+    if double_quant:
+        absmax = blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + NF4_DQ_CODE_BYTES
+    else:
+        absmax = 4 * blocks
+    return packed + absmax + NF4_CODE_BYTES
+
+
+def adamw_8bit_state_bytes(numel: int) -> int:
+    """bitsandbytes AdamW8bit states of one parameter tensor (the shared qmaps not included)."""
+    if numel < BNB_MIN_8BIT_SIZE:
+        return 2 * 4 * numel
+    return 2 * numel + 2 * 4 * math.ceil(numel / BNB_OPT_BLOCK)
+
+
+def _linear_weight_bytes(x: LinearShape, scheme: str, double_quant: bool) -> int:
+    """One LinearShape (all `count` copies) stored by `scheme`; its bias stays 16-bit."""
+    numel = x.in_features * x.out_features
+    bias = COMPUTE_BYTES * x.out_features if x.bias else 0
+    if scheme in ("nf4", "dynamic-4bit"):
+        per = nf4_tensor_bytes(numel, double_quant)
+    elif scheme == "fp8":
+        per = numel + FP8_SCALE_BYTES * x.out_features
+    else:
+        per = COMPUTE_BYTES * numel
+    return x.count * (per + bias)
+
+
+def _lora_tensors(x: LinearShape, rank: int) -> list[int]:
+    """Element counts of the LoRA tensors PEFT creates for one targeted linear (A: r x in, B: out x r)."""
+    return [rank * x.in_features, x.out_features * rank] * x.count
+
+
+# -- activations ----------------------------------------------------------------------------------
+def activation_bytes_per_token(model: ModelSpec, backend: str, full_finetune: bool) -> int:
+    """Bytes one decoder layer keeps per token for its backward, without recomputation.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", sec. 4.1)
+    count 34*s*b*h for a GPT layer; redone here for SwiGLU + GQA + flash/SDPA attention (no s^2
+    score matrix: flash keeps only the output and a per-head logsumexp) and no dropout, 16-bit:
+      attention: layer input (RMSNorm backward) h, normed input (q/k/v projections) h, q after
+                 RoPE q, k and v kv each, attention output q (kept by SDPA) and its reshaped copy
+                 q (o_proj input)                                  -> 2h + 3q + 2kv
+      MLP:       input h, normed input h, gate and up outputs I each, silu(gate) I, product I
+                 (down_proj input)                                 -> 2h + 4I (non-gated: 2h + 2I)
+    The hf backend's LlamaRMSNorm upcasts its input to fp32 and keeps it (4h per norm, two norms).
+    Unsloth's kernels keep less: its Triton RMSNorm keeps input and rstd only, and its fused LoRA
+    MLP (unsloth/kernels/fast_lora.py LoRA_MLP) keeps X, gate and up and recomputes the rest
+    (2h + 2I). MoE: each token passes num_experts_per_tok experts (and the shared expert).
+    """
+    h = model.hidden_size
+    q = model.num_attention_heads * model.head_dim
+    kv = model.num_key_value_heads * model.head_dim
+    if model.is_moe:
+        width = model.num_experts_per_tok * model.moe_intermediate_size + \
+            model.shared_expert_intermediate_size
+    else:
+        width = model.intermediate_size
+    attention = 2 * h + 3 * q + 2 * kv
+    if not model.gated_mlp:
+        mlp = 2 * h + 2 * width
+    elif backend == "unsloth" and not full_finetune:
+        mlp = 2 * h + 2 * width
+    else:
+        mlp = 2 * h + 4 * width
+    elements = attention + mlp
+    per_token = COMPUTE_BYTES * elements
+    if backend == "hf":
+        per_token += 2 * 4 * h
+    return per_token
+
+
+def backward_working_bytes_per_token(model: ModelSpec) -> int:
+    """Transient gradients while one layer runs its backward: the residual-stream gradient (h)
+    and the MLP's gate/up output gradients (2I), 16-bit. Freed layer by layer."""
+    width = (model.num_experts_per_tok * model.moe_intermediate_size
+             + model.shared_expert_intermediate_size) if model.is_moe else model.intermediate_size
+    return COMPUTE_BYTES * (model.hidden_size + 2 * width)
+
+
+# -- the estimate ---------------------------------------------------------------------------------
+def _layers(model: ModelSpec) -> list[tuple[tuple[LinearShape, ...], int]]:
+    """(linears of one layer, number of such layers): MoE models may keep some dense layers."""
+    if not model.is_moe:
+        return [(model.linear_layers(), model.num_layers)]
+    out = [(model.linear_layers(), model.num_layers - model.num_dense_layers)]
+    if model.num_dense_layers:
+        out.append((model._dense_layer_linears(), model.num_dense_layers))
+    return out
+
+
+def _layer_norm_params(model: ModelSpec) -> int:
+    return (model.norms_per_layer * model.hidden_size + (2 * model.head_dim if model.qk_norm else 0)
+            + (model.num_attention_heads if model.attention_sinks else 0))
+
+
+def estimate_memory(
+    model: ModelSpec,
+    gpu: GpuSpec,
+    *,
+    quantization: str = "dynamic-4bit",
+    double_quant: bool = True,
+    backend: str = "unsloth",
+    seq_len: int = 2048,
+    micro_batch_size: int = 1,
+    lora_rank: int = 16,
+    lora_targets: Sequence[str] | str = DEFAULT_LORA_TARGETS,
+    full_finetune: bool = False,
+    gradient_checkpointing: str = "unsloth",
+    optimizer: str = "adamw_8bit",
+    num_shards: int = 1,
+    protected_bytes: int = 0,
+) -> MemoryEstimate:
+    """Peak memory of one worker for one fixed configuration.
+
+    `num_shards` > 1 models ZeRO-3: weights, gradients and optimizer states are split over that many
+    GPUs, plus one layer's gathered 16-bit weights (DeepSpeed all-gathers a layer before using it).
+    `protected_bytes` is what dynamic 4-bit spends keeping sensitive modules in 16-bit.
+    """
+    if seq_len < 1 or micro_batch_size < 1:
+        raise PlanError(f"seq_len and micro_batch_size must be >= 1, got {seq_len} and {micro_batch_size}")
+    if full_finetune and quantization not in ("bf16", "fp16"):
+        raise PlanError(f"full fine-tuning needs 16-bit weights, not {quantization}. To fix: use "
+                        "--quantization bf16 (or fp16), or drop --full-finetune to train LoRA adapters.")
+    if num_shards < 1:
+        raise PlanError(f"num_shards must be >= 1, got {num_shards}")
+    targets = () if full_finetune else model.resolve_targets(
+        lora_targets if isinstance(lora_targets, str) else tuple(lora_targets))
+    h, b, s = model.hidden_size, micro_batch_size, seq_len
+    tokens = b * s
+
+    # Weights: decoder linears by scheme; the router stays 16-bit under dynamic 4-bit and FP8
+    # (Unsloth's dynamic quants skip it; FP8 paths only convert the projection linears).
+    weights_layers = []
+    trainable_tensors: list[int] = []  # element counts, for the 8-bit optimizer's small-tensor rule
+    adapter_layers = []
+    for linears, n_layers in _layers(model):
+        w = 0
+        lora = []
+        for x in linears:
+            scheme = quantization
+            if x.name in ("gate", "shared_expert_gate") and quantization != "nf4":
+                scheme = "bf16"
+            w += _linear_weight_bytes(x, scheme, double_quant)
+            if x.name in targets:
+                lora += _lora_tensors(x, lora_rank)
+        w += COMPUTE_BYTES * _layer_norm_params(model)
+        weights_layers.append((w, n_layers))
+        adapter_layers.append((lora, n_layers))
+        if full_finetune:
+            for x in linears:
+                trainable_tensors += [x.in_features * x.out_features] * (x.count * n_layers)
+                if x.bias:
+                    trainable_tensors += [x.out_features] * (x.count * n_layers)
+            trainable_tensors += [h] * (model.norms_per_layer * n_layers)
+            trainable_tensors += [model.head_dim] * ((2 if model.qk_norm else 0) * n_layers)
+            if model.attention_sinks:
+                trainable_tensors += [model.num_attention_heads] * n_layers
+        else:
+            trainable_tensors += lora * n_layers
+    embed_params = model.vocab_size * h
+    head_params = 0 if model.tie_word_embeddings else model.vocab_size * h
+    if full_finetune:
+        trainable_tensors += [embed_params, h] + ([head_params] if head_params else [])
+    embed_w = COMPUTE_BYTES * embed_params
+    head_w = COMPUTE_BYTES * (head_params + h)  # lm_head + final norm
+    layer_w = [w for w, _ in weights_layers]
+    weights = embed_w + head_w + sum(w * n for w, n in weights_layers)
+    if quantization == "dynamic-4bit":
+        weights += protected_bytes
+
+    # Adapters, gradients and optimizer states of the trainable parameters.
+    param_bytes = COMPUTE_BYTES if full_finetune else _ADAPTER_BYTES
+    trainable = sum(trainable_tensors)
+    adapters = 0 if full_finetune else _ADAPTER_BYTES * trainable
+    gradients = param_bytes * trainable
+    paged_host = 0
+    if optimizer == "adamw_torch":
+        # torch.optim.AdamW: exp_avg and exp_avg_sq, zeros_like(param) (the param's dtype).
+        opt = 2 * param_bytes * trainable
+    else:
+        opt = BNB_QMAP_BYTES
+        for n in trainable_tensors:
+            states = adamw_8bit_state_bytes(n)
+            if optimizer == "paged_adamw_8bit" and n >= BNB_PAGED_MIN_NUMEL:
+                paged_host += states
+            else:
+                opt += states
+
+    # ZeRO-3 splits the persistent state and gathers one layer's 16-bit weights at a time.
+    if num_shards > 1:
+        gathered = max(layer_w)
+        weights = math.ceil(weights / num_shards) + gathered
+        adapters = math.ceil(adapters / num_shards)
+        gradients = math.ceil(gradients / num_shards)
+        opt = math.ceil(opt / num_shards)
+        paged_host = math.ceil(paged_host / num_shards)
+
+    # Activations by checkpointing mode.
+    per_layer_act = tokens * activation_bytes_per_token(model, backend, full_finetune)
+    layer_input = tokens * COMPUTE_BYTES * h  # the residual stream entering a layer
+    working = tokens * backward_working_bytes_per_token(model)
+    L = model.num_layers
+    offloaded = 0
+    if gradient_checkpointing == "none":
+        kept_per_layer = per_layer_act
+        activations = L * per_layer_act + working
+    elif gradient_checkpointing == "hf":
+        # torch.utils.checkpoint per decoder layer (HF gradient_checkpointing_enable): each layer's
+        # input stays on the GPU; the backward recomputes one layer's activations at a time.
+        kept_per_layer = layer_input
+        activations = L * layer_input + per_layer_act + working
+    elif gradient_checkpointing == "unsloth":
+        # Unsloth's offloaded checkpointing (unsloth_zoo/gradient_checkpointing.py) copies each
+        # layer input to pinned host memory (non_blocking) and brings it back for the recompute:
+        # one layer input plus one layer's recomputation on the GPU.
+        kept_per_layer = 0
+        activations = layer_input + per_layer_act + working
+        offloaded = L * layer_input
+    else:
+        raise PlanError(f"gradient_checkpointing={gradient_checkpointing!r} is not one of none, hf, unsloth")
+    # The embedding output (the first layer's input) and the final norm's input stay either way.
+    activations += 2 * layer_input
+
+    # Logits and loss.
+    n_logits = tokens * model.vocab_size
+    if backend == "unsloth":
+        chunk = min(UNSLOTH_CE_BYTES_PER_LOGIT * n_logits, UNSLOTH_CE_TARGET_BYTES)
+        # plus the gradient w.r.t. the final hidden states the fused loss writes whole (b*s*h).
+        logits = chunk + layer_input
+    else:
+        logits = HF_LOGIT_BYTES * n_logits
+
+    # Overhead: context and workspaces (GPU only), allocator slack on the per-step allocations.
+    fixed = 0 if is_cpu(gpu) else CUDA_CONTEXT_BYTES + CUDA_WORKSPACE_BYTES
+    overhead = fixed + int(ALLOCATOR_SLACK * (activations + logits))
+
+    breakdown = MemoryBreakdown(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
+                                optimizer=int(opt), activations=int(activations), logits=int(logits),
+                                overhead=int(overhead))
+    # Per-module bytes for the layer map (no sharding: the map is only used without ZeRO-3):
+    # each module's weights, the state of its trainable parameters and what it keeps for backward.
+    if full_finetune:
+        state_per_param = param_bytes + (2 * param_bytes if optimizer == "adamw_torch" else 2)
+    else:
+        state_per_param = 2 * _ADAPTER_BYTES + (8 if optimizer == "adamw_torch" else 2)
+    module_bytes: dict[str, int] = {
+        "model.embed_tokens": embed_w + (state_per_param * embed_params if full_finetune else 0)}
+    index = 0
+    for (linears, n_layers), w, (lora, _) in zip(_layers(model), layer_w, adapter_layers):
+        layer_train = (sum(x.params for x in linears) + _layer_norm_params(model)) \
+            if full_finetune else sum(lora)
+        per = int(w + state_per_param * layer_train + kept_per_layer)
+        for _ in range(n_layers):
+            module_bytes[f"model.layers.{index}"] = per
+            index += 1
+    module_bytes["model.norm"] = COMPUTE_BYTES * h
+    module_bytes["model.rotary_emb"] = 0
+    module_bytes["lm_head"] = int(COMPUTE_BYTES * head_params + logits
+                                  + (state_per_param * head_params if full_finetune else 0))
+
+    return MemoryEstimate(
+        breakdown=breakdown,
+        peak_bytes=breakdown.total,
+        host_bytes=int(offloaded + paged_host),
+        capacity_bytes=int(gpu.memory_bytes),
+        trainable_params=int(trainable),
+        module_bytes=module_bytes,
+    )
+
+
+def max_seq_len(model: ModelSpec, gpu: GpuSpec, *, safety_margin: float = 0.0,
+                upper: int | None = None, **config) -> int:
+    """The longest sequence that fits `gpu` for this configuration (binary search); 0 if none.
+
+    `config` takes estimate_memory's keyword arguments except seq_len. Peak memory grows with the
+    sequence length, so the search is exact for this model.
+    """
+    config.pop("seq_len", None)
+    limit = budget_bytes(gpu.memory_bytes, safety_margin)
+
+    def fits(s: int) -> bool:
+        return estimate_memory(model, gpu, seq_len=s, **config).peak_bytes <= limit
+
+    hi = upper or max(model.max_position_embeddings, 1 << 17)
+    if not fits(1):
+        return 0
+    if fits(hi):
+        return hi
+    lo = 1  # fits(lo) and not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,178 @@
+"""planner.memory: byte counts against a real bitsandbytes + PEFT model, and the model's structure."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from planner.hardware import GpuSpec
+from planner.memory import (GIB, adamw_8bit_state_bytes, estimate_memory, max_seq_len,
+                            nf4_tensor_bytes)
+from planner.model import ModelSpec
+from planner.plan import PlanError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A real Llama shape at small size; dimensions are multiples of 128 so bnb blocks are exact.
+SMALL_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=512,
+                   intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=False,
+                   max_position_embeddings=4096)
+LLAMA_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                tie_word_embeddings=False, max_position_embeddings=131072)
+
+
+def gpu(gib: float, cc=(9, 0)) -> GpuSpec:
+    return GpuSpec(name=f"test-{gib}", nvml_names=(), memory_bytes=int(gib * GIB), compute_capability=cc,
+                   bf16_tflops=900.0 if cc >= (8, 0) else 0.0, fp16_tflops=900.0,
+                   fp8_tflops=1800.0 if cc >= (8, 9) else None, bandwidth_gb_per_s=3000.0, source="test")
+
+
+@pytest.fixture(scope="module")
+def llama8b() -> ModelSpec:
+    return ModelSpec.from_config(LLAMA_8B, name="llama-8b")
+
+
+def test_nf4_bits_per_param_match_qlora_paper():
+    n = 4096 * 4096
+    assert nf4_tensor_bytes(n, double_quant=False) * 8 / n == pytest.approx(4.5, abs=0.001)
+    assert nf4_tensor_bytes(n, double_quant=True) * 8 / n == pytest.approx(4.127, abs=0.001)
+
+
+def test_adamw_8bit_small_tensor_rule():
+    assert adamw_8bit_state_bytes(4095) == 8 * 4095  # below min_8bit_size: two fp32 states
+    assert adamw_8bit_state_bytes(4096) == 2 * 4096 + 2 * 4 * 16
+    assert adamw_8bit_state_bytes(1 << 20) / (1 << 20) == pytest.approx(2.03, abs=0.01)
+
+
+def test_checkpointing_modes_order_and_offload(llama8b):
+    kw = dict(quantization="nf4", seq_len=4096, micro_batch_size=2)
+    none, hf, uns = (estimate_memory(llama8b, gpu(80), gradient_checkpointing=m, **kw)
+                     for m in ("none", "hf", "unsloth"))
+    assert none.breakdown.activations > hf.breakdown.activations > uns.breakdown.activations
+    assert uns.host_bytes == llama8b.num_layers * 2 * 4096 * 2 * llama8b.hidden_size
+    assert hf.host_bytes == 0 and none.host_bytes == 0
+
+
+def test_weights_by_scheme(llama8b):
+    w = {q: estimate_memory(llama8b, gpu(80), quantization=q).breakdown.weights
+         for q in ("bf16", "fp8", "nf4")}
+    assert w["bf16"] == 2 * llama8b.num_params
+    assert w["nf4"] < w["fp8"] < w["bf16"]
+    dyn = estimate_memory(llama8b, gpu(80), quantization="dynamic-4bit", protected_bytes=10**9)
+    assert dyn.breakdown.weights == w["nf4"] + 10**9
+
+
+def test_hf_logits_are_full_fp32_and_unsloth_chunked(llama8b):
+    hf = estimate_memory(llama8b, gpu(80), backend="hf", seq_len=8192, micro_batch_size=4)
+    un = estimate_memory(llama8b, gpu(80), backend="unsloth", seq_len=8192, micro_batch_size=4)
+    assert hf.breakdown.logits >= 4 * 8192 * 4 * llama8b.vocab_size
+    assert un.breakdown.logits < hf.breakdown.logits / 4
+
+
+def test_cpu_device_has_no_cuda_context(llama8b):
+    cpu = gpu(64, cc=(0, 0))
+    on_cpu = estimate_memory(llama8b, cpu)
+    on_gpu = estimate_memory(llama8b, gpu(64))
+    assert on_gpu.breakdown.overhead - on_cpu.breakdown.overhead >= 512 * 1024**2
+
+
+def test_full_finetune_counts_every_parameter(llama8b):
+    e = estimate_memory(llama8b, gpu(80), quantization="bf16", full_finetune=True,
+                        optimizer="adamw_torch", gradient_checkpointing="unsloth")
+    assert e.trainable_params == llama8b.num_params
+    assert e.breakdown.gradients == 2 * llama8b.num_params
+    assert e.breakdown.optimizer == 4 * llama8b.num_params
+    with pytest.raises(PlanError, match="16-bit"):
+        estimate_memory(llama8b, gpu(80), quantization="nf4", full_finetune=True)
+
+
+def test_zero3_shards_state(llama8b):
+    one = estimate_memory(llama8b, gpu(80), quantization="bf16", full_finetune=True, backend="hf",
+                          gradient_checkpointing="hf", optimizer="adamw_torch")
+    eight = estimate_memory(llama8b, gpu(80), quantization="bf16", full_finetune=True, backend="hf",
+                            gradient_checkpointing="hf", optimizer="adamw_torch", num_shards=8)
+    assert eight.breakdown.optimizer == math.ceil(one.breakdown.optimizer / 8)
+    assert eight.breakdown.weights < one.breakdown.weights / 4
+
+
+def test_paged_optimizer_moves_large_states_to_host(llama8b):
+    kw = dict(quantization="nf4", full_finetune=False, lora_rank=64)
+    plain = estimate_memory(llama8b, gpu(80), optimizer="adamw_8bit", **kw)
+    paged = estimate_memory(llama8b, gpu(80), optimizer="paged_adamw_8bit", **kw)
+    assert paged.breakdown.optimizer < plain.breakdown.optimizer
+    assert paged.host_bytes - plain.host_bytes == plain.breakdown.optimizer - paged.breakdown.optimizer
+
+
+def test_max_seq_len_is_the_boundary(llama8b):
+    g = gpu(24)
+    kw = dict(quantization="nf4", micro_batch_size=1, gradient_checkpointing="hf", backend="hf")
+    s = max_seq_len(llama8b, g, **kw)
+    assert 0 < s < llama8b.max_position_embeddings
+    assert estimate_memory(llama8b, g, seq_len=s, **kw).peak_bytes <= g.memory_bytes
+    assert estimate_memory(llama8b, g, seq_len=s + 1, **kw).peak_bytes > g.memory_bytes
+    assert max_seq_len(llama8b, gpu(2), **kw) == 0
+
+
+def test_module_bytes_cover_every_layer(llama8b):
+    e = estimate_memory(llama8b, gpu(80), quantization="nf4", gradient_checkpointing="none")
+    names = [n for n in e.module_bytes if n.startswith("model.layers.")]
+    assert len(names) == llama8b.num_layers
+    assert {"model.embed_tokens", "model.norm", "lm_head"} <= set(e.module_bytes)
+    assert e.module_bytes["lm_head"] >= e.breakdown.logits
+
+
+def _real_bytes(tmp_path):
+    """Build SMALL_LLAMA with random weights, load it in NF4 + double quant with bitsandbytes, apply
+    LoRA with PEFT, take one AdamW8bit step; return (weights, adapters, optimizer) bytes."""
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    cfg = {k: v for k, v in SMALL_LLAMA.items() if k not in ("model_type", "architectures")}
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.bfloat16).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant,
+                                                 dtype=torch.bfloat16, device_map="cpu")
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=list(TARGETS),
+                                             task_type="CAUSAL_LM"))
+    seen: set[int] = set()
+
+    def nbytes(t) -> int:
+        if t is None or not torch.is_tensor(t) or t.data_ptr() in seen:
+            return 0
+        seen.add(t.data_ptr())
+        return t.numel() * t.element_size()
+
+    weights = adapters = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            adapters += nbytes(p)
+            continue
+        weights += nbytes(p)
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            weights += nbytes(qs.absmax) + nbytes(qs.code) + nbytes(qs.offset)
+            if qs.nested:
+                weights += nbytes(qs.state2.absmax) + nbytes(qs.state2.code)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.AdamW8bit(trainable, lr=1e-4)
+    ids = torch.randint(0, SMALL_LLAMA["vocab_size"], (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    optimizer = sum(nbytes(v) for p in trainable for v in opt.state[p].values())
+    return weights, adapters, optimizer
+
+
+def test_bytes_match_a_real_bnb_peft_model(tmp_path):
+    weights, adapters, optimizer = _real_bytes(tmp_path)
+    spec = ModelSpec.from_config(SMALL_LLAMA, name="small-llama")
+    est = estimate_memory(spec, gpu(80), quantization="nf4", double_quant=True, lora_rank=16,
+                          lora_targets=TARGETS, optimizer="adamw_8bit")
+    assert est.breakdown.weights == pytest.approx(weights, rel=0.01)
+    assert est.breakdown.adapters == pytest.approx(adapters, rel=0.01)
+    assert est.breakdown.optimizer == pytest.approx(optimizer, rel=0.01)
