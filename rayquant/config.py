@@ -1,0 +1,289 @@
+"""Training options (LoRA, SFT, scaling, run) and the `rayquant train` YAML file.
+
+Every options class is a frozen dataclass whose `problems()` lists everything wrong with it, so a
+caller can collect the problems of all of them (and of the YAML file) into one ConfigError.
+
+YAML schema of `rayquant train CONFIG.yaml` (only `model` and `dataset` are required)::
+
+    model: rayquant/tiny-llama        # hub id, local directory, or rayquant/tiny-llama|tiny-qwen2
+    dataset: examples/data/tiny.jsonl # JSON / JSONL / Parquet file
+    plan: auto                        # auto | path to a plan JSON written by `rayquant plan --json`
+    address: null                     # Ray address; null: RAY_ADDRESS or a local cluster
+    lora:    {rank: 16, alpha: 32, dropout: 0.0, targets: [q_proj, v_proj]}
+    sft:     {seq_len: 256, global_batch_size: 8, learning_rate: 2.0e-4, max_steps: 40,
+              num_epochs: 1.0, warmup_steps: 0, lr_scheduler: linear, weight_decay: 0.0,
+              max_grad_norm: 1.0, logging_steps: 1, seed: 0, dataset_format: auto,
+              text_field: text, prefer: balanced, backend: unsloth, quantization: nf4,
+              optimizer: adamw_8bit, micro_batch_size: null, gradient_checkpointing: null}
+    scaling: {num_workers: 2, use_gpu: null, gpus: null, cpus_per_worker: 1}
+    run:     {name: quickstart, storage_path: ~/rayquant_runs, output_dir: null,
+              checkpoint_every_steps: 10, keep_checkpoints: 2, max_failures: 1}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from planner.plan import BACKENDS, CHECKPOINTING, DEFAULT_LORA_TARGETS, OPTIMIZERS, PREFERENCES, QUANTIZATIONS
+
+DATASET_FORMATS = ("auto", "text", "messages", "alpaca")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, all listed, each saying what is wrong and how to fix it."""
+
+    def __init__(self, problems: list[str], what: str = "configuration") -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid {what} ({len(self.problems)} problem"
+                         f"{'s' if len(self.problems) != 1 else ''}):\n{lines}")
+
+
+def _int_at_least(problems: list[str], name: str, value: Any, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        problems.append(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _number_in(problems: list[str], name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        problems.append(f"{name} must be a number in [{low}, {high}], got {value!r}")
+
+
+def _choice(problems: list[str], name: str, value: Any, choices: tuple, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value not in choices:
+        problems.append(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """LoRA adapter shape: rank, alpha (None: 2 x rank), dropout and target modules."""
+
+    rank: int = 16
+    alpha: int | None = None
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        else:
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _int_at_least(p, "lora.rank", self.rank, 1)
+        _int_at_least(p, "lora.alpha", self.alpha, 1, allow_none=True)
+        _number_in(p, "lora.dropout", self.dropout, 0.0, 0.99)
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            p.append(f"lora.targets must be a non-empty list of module names (e.g. q_proj, v_proj), "
+                     f"got {list(self.targets)!r}")
+        return p
+
+    @property
+    def effective_alpha(self) -> int:
+        return 2 * self.rank if self.alpha is None else self.alpha
+
+
+@dataclass(frozen=True)
+class SftOptions:
+    """Supervised fine-tuning settings; planner pins (quantization, optimizer, ...) default to auto."""
+
+    seq_len: int = 512
+    global_batch_size: int = 8  # sequences per optimizer step over all workers
+    learning_rate: float = 2e-4
+    max_steps: int | None = None  # None: num_epochs over the dataset
+    num_epochs: float = 1.0
+    warmup_steps: int = 0
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    seed: int = 0
+    dataset_format: str = "auto"
+    text_field: str = "text"
+    prefer: str = "balanced"
+    backend: str = "unsloth"
+    quantization: str | None = None
+    optimizer: str | None = None
+    micro_batch_size: int | None = None
+    gradient_checkpointing: str | None = None
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _int_at_least(p, "sft.seq_len", self.seq_len, 8)
+        _int_at_least(p, "sft.global_batch_size", self.global_batch_size, 1)
+        _number_in(p, "sft.learning_rate", self.learning_rate, 0.0, 1.0)
+        _int_at_least(p, "sft.max_steps", self.max_steps, 1, allow_none=True)
+        _number_in(p, "sft.num_epochs", self.num_epochs, 0.001, 1e6)
+        _int_at_least(p, "sft.warmup_steps", self.warmup_steps, 0)
+        _choice(p, "sft.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _number_in(p, "sft.weight_decay", self.weight_decay, 0.0, 1.0)
+        _number_in(p, "sft.max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        _int_at_least(p, "sft.logging_steps", self.logging_steps, 1)
+        _int_at_least(p, "sft.seed", self.seed, 0)
+        _choice(p, "sft.dataset_format", self.dataset_format, DATASET_FORMATS)
+        if not isinstance(self.text_field, str) or not self.text_field:
+            p.append(f"sft.text_field must be a column name, got {self.text_field!r}")
+        _choice(p, "sft.prefer", self.prefer, PREFERENCES)
+        _choice(p, "sft.backend", self.backend, BACKENDS)
+        _choice(p, "sft.quantization", self.quantization, QUANTIZATIONS, allow_none=True)
+        _choice(p, "sft.optimizer", self.optimizer, OPTIMIZERS, allow_none=True)
+        _int_at_least(p, "sft.micro_batch_size", self.micro_batch_size, 1, allow_none=True)
+        _choice(p, "sft.gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING, allow_none=True)
+        return p
+
+
+@dataclass(frozen=True)
+class ScalingOptions:
+    """How many workers and where. `gpus` ("2x8xH100-80GB,4x1xA10G") plans for a described cluster
+    instead of reading the live one; num_workers=None: one per GPU (2 on a CPU-only cluster)."""
+
+    num_workers: int | None = None
+    use_gpu: bool | None = None  # None: whatever the plan's node types are
+    gpus: str | None = None
+    cpus_per_worker: int = 1
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _int_at_least(p, "scaling.num_workers", self.num_workers, 1, allow_none=True)
+        if self.use_gpu is not None and not isinstance(self.use_gpu, bool):
+            p.append(f"scaling.use_gpu must be true, false or null, got {self.use_gpu!r}")
+        if self.gpus is not None and (not isinstance(self.gpus, str) or not self.gpus.strip()):
+            p.append(f"scaling.gpus must be a cluster spec like '2x8xH100-80GB,4x1xA10G', got {self.gpus!r}")
+        _int_at_least(p, "scaling.cpus_per_worker", self.cpus_per_worker, 1)
+        return p
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where results go, how often to checkpoint, and how many worker failures to survive."""
+
+    name: str | None = None  # None: rayquant-<model>-<timestamp>
+    storage_path: str = "~/rayquant_runs"
+    output_dir: str | None = None  # None: <storage_path>/<name>/adapter
+    checkpoint_every_steps: int | None = None  # None: only at the end
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if self.name is not None and (not isinstance(self.name, str) or not self.name
+                                      or os.sep in self.name):
+            p.append(f"run.name must be a plain name without '/', got {self.name!r}")
+        if not isinstance(self.storage_path, str) or not self.storage_path:
+            p.append(f"run.storage_path must be a directory path, got {self.storage_path!r}")
+        if self.output_dir is not None and not isinstance(self.output_dir, str):
+            p.append(f"run.output_dir must be a directory path, got {self.output_dir!r}")
+        _int_at_least(p, "run.checkpoint_every_steps", self.checkpoint_every_steps, 1, allow_none=True)
+        _int_at_least(p, "run.keep_checkpoints", self.keep_checkpoints, 1)
+        _int_at_least(p, "run.max_failures", self.max_failures, 0)
+        return p
+
+
+OPTION_CLASSES = {"lora": LoraOptions, "sft": SftOptions, "scaling": ScalingOptions, "run": RunOptions}
+
+
+def coerce_options(section: str, value: Any, problems: list[str]):
+    """An options instance from None, an instance, or a mapping; unknown keys become problems."""
+    cls = OPTION_CLASSES[section]
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        problems.append(f"{section} must be a mapping of options or a {cls.__name__}, got "
+                        f"{type(value).__name__}")
+        return cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    for key in unknown:
+        problems.append(f"{section}.{key} is not an option; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**{k: v for k, v in value.items() if k in known})
+    except (TypeError, ValueError) as e:
+        problems.append(f"{section}: {e}")
+        return cls()
+
+
+TOP_LEVEL_KEYS = ("model", "dataset", "plan", "address", "lora", "sft", "scaling", "run")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The contents of a `rayquant train` YAML file, validated."""
+
+    model: str
+    dataset: str
+    plan: str = "auto"
+    address: str | None = None
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    sft: SftOptions = field(default_factory=SftOptions)
+    scaling: ScalingOptions = field(default_factory=ScalingOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+
+def parse_train_config(data: Any, base_dir: str = ".") -> TrainConfig:
+    """Validate a parsed YAML mapping; relative dataset/plan paths resolve against `base_dir`."""
+    problems: list[str] = []
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"the file must hold a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, "
+                           f"got {type(data).__name__}"], "training config")
+    for key in sorted(set(data) - set(TOP_LEVEL_KEYS)):
+        problems.append(f"{key!r} is not a config key; known: {', '.join(TOP_LEVEL_KEYS)}")
+    for key in ("model", "dataset"):
+        if not isinstance(data.get(key), str) or not data.get(key):
+            problems.append(f"{key} is required: a {'model id or directory' if key == 'model' else 'JSON/JSONL/Parquet path'}"
+                            f", got {data.get(key)!r}")
+    plan = data.get("plan", "auto")
+    if not isinstance(plan, str) or not plan:
+        problems.append(f"plan must be 'auto' or a plan JSON path, got {plan!r}")
+    address = data.get("address")
+    if address is not None and not isinstance(address, str):
+        problems.append(f"address must be a Ray address string like 'ray://head:10001', got {address!r}")
+    options = {s: coerce_options(s, data.get(s), problems) for s in OPTION_CLASSES}
+    for opt in options.values():
+        problems.extend(opt.problems())
+
+    def resolve(path: str) -> str:
+        expanded = os.path.expanduser(path)
+        return expanded if os.path.isabs(expanded) else os.path.normpath(os.path.join(base_dir, expanded))
+
+    dataset = data.get("dataset") if isinstance(data.get("dataset"), str) else ""
+    if dataset:
+        dataset = resolve(dataset)
+        if not os.path.exists(dataset):
+            problems.append(f"dataset {dataset} does not exist; point `dataset:` at a JSON/JSONL/Parquet file")
+    if isinstance(plan, str) and plan and plan != "auto":
+        plan = resolve(plan)
+        if not os.path.exists(plan):
+            problems.append(f"plan file {plan} does not exist; write one with `rayquant plan ... --json`, "
+                            f"or use plan: auto")
+    model = data.get("model") if isinstance(data.get("model"), str) else ""
+    if model and (model.startswith((".", "/", "~")) or os.path.exists(os.path.join(base_dir, model))):
+        model = resolve(model)
+    if problems:
+        raise ConfigError(problems, "training config")
+    return TrainConfig(model=model, dataset=dataset, plan=plan, address=address, **options)
+
+
+def load_train_config(path: str) -> TrainConfig:
+    """Read and validate a `rayquant train` YAML file (all problems reported at once)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path} does not exist; see examples/quickstart.yaml for a starting point"],
+                          "training config") from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path} is not valid YAML: {e}"], "training config") from None
+    return parse_train_config(data, base_dir=os.path.dirname(os.path.abspath(path)))

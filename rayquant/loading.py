@@ -1,0 +1,113 @@
+"""Load a base model as one NodePlan says (4-bit NF4 / FP8 / 16-bit, Unsloth or plain HF) and put
+LoRA on it. One function, branching on the plan's backend and quantization; it reports what really
+ran (Unsloth's CPU fallback, for one, may load 16-bit where 4-bit cannot run).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from planner.plan import JobSpec, NodePlan
+
+_CHECKPOINTING = {"none": False, "hf": True, "unsloth": "unsloth"}
+_FOUR_BIT = ("nf4", "dynamic-4bit")
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _lora_targets(job: JobSpec) -> Any:
+    return "all-linear" if tuple(job.lora_targets) == ("all",) else list(job.lora_targets)
+
+
+def describe_loaded(model) -> dict[str, Any]:
+    """What was actually built: 4-bit layers present, parameter counts, dtype of the adapters."""
+    import bitsandbytes as bnb
+
+    four_bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "linear4bit_modules": four_bit,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "adapter_dtype": str(trainable[0].dtype).replace("torch.", "") if trainable else None,
+    }
+
+
+def load_for_training(model_path: str, node_plan: NodePlan, job: JobSpec, *,
+                      device_map: Mapping[str, Any], seed: int = 0):
+    """Return (peft model, tokenizer, info) for one worker.
+
+    `device_map` is always a dict (module -> device): under DDP a string map makes Unsloth place
+    quantized weights on `cuda:<global rank>` and accelerate refuse the model.
+    """
+    if not isinstance(device_map, Mapping):
+        raise TypeError(f"device_map must be a dict (module -> device), got {device_map!r}")
+    if node_plan.backend == "unsloth":
+        model, tokenizer = _load_unsloth(model_path, node_plan, job, dict(device_map), seed)
+    else:
+        model, tokenizer = _load_hf(model_path, node_plan, job, dict(device_map), seed)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    info = {"backend": node_plan.backend, "quantization_planned": node_plan.quantization,
+            "compute_dtype": node_plan.compute_dtype,
+            "gradient_checkpointing": node_plan.gradient_checkpointing, **describe_loaded(model)}
+    if node_plan.quantization in _FOUR_BIT and info["linear4bit_modules"] == 0:
+        info["quantization_used"] = "16-bit (4-bit unavailable on this device)"
+    else:
+        info["quantization_used"] = node_plan.quantization
+    return model, tokenizer, info
+
+
+def _load_unsloth(model_path, node_plan, job, device_map, seed):
+    from unsloth import FastLanguageModel
+
+    q = node_plan.quantization
+    kwargs: dict[str, Any] = dict(
+        max_seq_length=job.seq_len, dtype=_dtype(node_plan.compute_dtype),
+        load_in_4bit=q in _FOUR_BIT, load_in_16bit=q in ("bf16", "fp16"), device_map=device_map,
+        use_gradient_checkpointing=_CHECKPOINTING[node_plan.gradient_checkpointing],
+        random_state=seed,
+    )
+    if q == "fp8":
+        kwargs["load_in_fp8"] = True
+    model, tokenizer = FastLanguageModel.from_pretrained(model_path, **kwargs)
+    model = FastLanguageModel.get_peft_model(
+        model, r=job.lora_rank, lora_alpha=job.effective_lora_alpha, lora_dropout=job.lora_dropout,
+        target_modules=_lora_targets(job), bias="none",
+        use_gradient_checkpointing=_CHECKPOINTING[node_plan.gradient_checkpointing], random_state=seed,
+    )
+    return model, tokenizer
+
+
+def _load_hf(model_path, node_plan, job, device_map, seed):
+    """transformers + bitsandbytes + PEFT, for architectures Unsloth does not support."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    dtype = _dtype(node_plan.compute_dtype)
+    quant = None
+    if node_plan.quantization in _FOUR_BIT:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=node_plan.double_quant,
+                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head"])
+    elif node_plan.quantization == "fp8":
+        raise ValueError("the hf backend has no FP8 path; plan FP8 with backend=unsloth, or pin "
+                         "quantization to nf4/bf16")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device_map,
+                                                 quantization_config=quant)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="right")
+    use_ckpt = node_plan.gradient_checkpointing != "none"
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_ckpt)
+    elif use_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(seed)
+    config = LoraConfig(r=job.lora_rank, lora_alpha=job.effective_lora_alpha, lora_dropout=job.lora_dropout,
+                        target_modules=_lora_targets(job), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config), tokenizer

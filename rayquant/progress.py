@@ -1,0 +1,42 @@
+"""Progress lines on the driver's console, from the metrics every worker reports to Ray Train."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.train import UserCallback
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def format_progress(step: int, total: int, loss: float | None, tokens_per_s: float, elapsed_s: float) -> str:
+    """`step 3/20 (15%)  loss 5.1234  tokens/s 1,234  ETA 0:00:12` (ETA from the mean step time)."""
+    pct = 100.0 * step / total if total else 0.0
+    eta = format_eta(elapsed_s / step * (total - step)) if step else "?"
+    loss_s = f"{loss:.4f}" if loss is not None else "-"
+    return (f"[rayquant] step {step}/{total} ({pct:.0f}%)  loss {loss_s}  "
+            f"tokens/s {tokens_per_s:,.0f}  ETA {eta}")
+
+
+class ProgressPrinter(UserCallback):
+    """Ray Train callback (runs in the controller, whose output Ray forwards to the driver): one
+    line per logging step, with the cluster's tokens/s (summed over workers)."""
+
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        if not metrics or "loss" not in metrics[0]:
+            if checkpoint is not None and metrics and "checkpoint_step" in metrics[0]:
+                print(f"[rayquant] checkpoint at step {int(metrics[0]['checkpoint_step'])}", flush=True)
+            return
+        m = metrics[0]
+        tps = sum(float(x.get("tokens_per_s", 0.0)) for x in metrics)
+        print(format_progress(int(m["step"]), int(m["total_steps"]), float(m["loss"]), tps,
+                              float(m.get("elapsed_s", 0.0))), flush=True)
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
+        for rank, exc in sorted(worker_exceptions.items()):
+            print(f"[rayquant] worker rank {rank} failed: {exc}", flush=True)
