@@ -1,0 +1,371 @@
+"""KubeRay manifests: schema-valid (KubeRay CRDs, Kubernetes Pod/ConfigMap schemas), worker groups,
+selectors, resources and secret handling as the plan says; the k8s/ examples stay in sync."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from planner.hardware import GIB
+from planner.plan import JobSpec, MemoryBreakdown, NodePlan, TrainingPlan, WorkerAssignment
+from rayquant import k8s
+from rayquant.cli import main
+from rayquant.placement import NODE_TYPE_LABEL, node_type_label_value, worker_label_selectors
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "kuberay"
+K8S_VERSION = "1.37"  # newest schema kubernetes-validate ships
+
+
+# --- schemas ---------------------------------------------------------------------------------
+def _strict(schema):
+    """The CRD's structural schema with unknown fields refused (the API server silently prunes
+    them, which would hide a misspelt field); int-or-string and preserve-unknown stay open."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in out and "additionalProperties" not in out
+                and not out.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def crd_validators():
+    if not SHARED.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {SHARED} (shared/ beside the checkout)")
+    out = {}
+    for kind, file in (("RayJob", "ray.io_rayjobs.yaml"), ("RayCluster", "ray.io_rayclusters.yaml")):
+        crd = yaml.safe_load((SHARED / file).read_text())
+        (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        out[kind] = jsonschema.Draft202012Validator(_strict(version["schema"]["openAPIV3Schema"]))
+    return out
+
+
+def _cluster_spec(doc):
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+_QUALIFIED = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def kuberay_problems(doc) -> list[str]:
+    """The checks KubeRay's webhook/controller applies beyond the CRD schema
+    (ray-operator/controllers/ray/utils/validation.go)."""
+    problems = []
+    name = doc["metadata"]["name"]
+    limit = 47 if doc["kind"] == "RayJob" else 53
+    if len(name) > limit or not re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", name):
+        problems.append(f"name {name}")
+    spec = _cluster_spec(doc)
+    groups = [("Head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    for group_name, g in groups:
+        if not g["template"]["spec"]["containers"]:
+            problems.append(f"{group_name}: no container")
+        if "labels" in g.get("rayStartParams", {}):
+            problems.append(f"{group_name}: rayStartParams labels")
+        for key, value in g.get("labels", {}).items():
+            if not _QUALIFIED.match(key) or not _VALUE.match(value) or len(value) > 63:
+                problems.append(f"{group_name}: label {key}={value}")
+        if g is not spec["headGroupSpec"] and not spec.get("enableInTreeAutoscaling"):
+            if g.get("minReplicas") is None or g.get("maxReplicas") is None:
+                problems.append(f"{group_name}: min/maxReplicas unset without autoscaling")
+            elif not g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]:
+                problems.append(f"{group_name}: replicas outside [min, max]")
+    if doc["kind"] == "RayJob":
+        js = doc["spec"]
+        if js.get("ttlSecondsAfterFinished", 0) > 0 and not js.get("shutdownAfterJobFinishes"):
+            problems.append("ttl without shutdownAfterJobFinishes")
+        if js.get("activeDeadlineSeconds") is not None and js["activeDeadlineSeconds"] <= 0:
+            problems.append("activeDeadlineSeconds <= 0")
+        if js.get("backoffLimit", 0) < 0:
+            problems.append("backoffLimit < 0")
+        if "runtimeEnvYAML" in js and not isinstance(yaml.safe_load(js["runtimeEnvYAML"]), dict):
+            problems.append("runtimeEnvYAML is not a YAML mapping")
+    return problems
+
+
+def assert_valid(docs, crd_validators):
+    configmap, ray_doc = docs
+    kubernetes_validate.validate(configmap, K8S_VERSION, strict=True)
+    errors = sorted(crd_validators[ray_doc["kind"]].iter_errors(ray_doc), key=str)
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
+    assert kuberay_problems(ray_doc) == []
+    spec = _cluster_spec(ray_doc)
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        template = group["template"]
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "p", **template.get("metadata", {})}, "spec": template["spec"]}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+# --- plans by hand (the renderer's contract is the TrainingPlan) --------------------------------
+def node_plan(gpu: str, gpus_per_node: int, nodes: int, host_memory_bytes: int = 0,
+              quantization: str = "fp8") -> NodePlan:
+    return NodePlan(
+        node_type=f"{gpu}:{gpus_per_node}", gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node,
+        quantization=quantization, compute_dtype="bfloat16", micro_batch_size=2,
+        gradient_accumulation_steps=2, optimizer="adamw_8bit", gradient_checkpointing="unsloth",
+        placement="per-gpu", backend="unsloth",
+        workers_per_node=1 if gpu == "CPU" else gpus_per_node, gpus_per_worker=1,
+        peak_memory_bytes=20 * GIB, memory_budget_bytes=70 * GIB,
+        breakdown=MemoryBreakdown(16 * GIB, GIB, GIB, GIB, GIB, GIB, GIB), tokens_per_second=1e3,
+        reasons={"quantization": "test"}, host_memory_bytes=host_memory_bytes)
+
+
+def training_plan(*nodes: NodePlan, model: str = "meta-llama/Llama-3.1-8B") -> TrainingPlan:
+    workers = []
+    for n in nodes:
+        for i in range(n.nodes):
+            for local in range(n.workers_per_node):
+                workers.append(WorkerAssignment(len(workers), n.node_type, i, local))
+    return TrainingPlan(model=model, model_summary={}, job=JobSpec(), node_plans=nodes,
+                        workers=workers)
+
+
+H100 = training_plan(node_plan("H100-80GB", 8, 2, host_memory_bytes=3 * GIB))
+MIXED = training_plan(node_plan("H100-80GB", 8, 1), node_plan("A10G", 1, 4, 5 * GIB, "nf4"))
+CONFIG = {"model": "meta-llama/Llama-3.1-8B", "dataset": "/data/train.jsonl",
+          "sft": {"seq_len": 2048, "global_batch_size": 32}, "run": {"output_dir": "/tmp/out"}}
+
+
+def options(**kw) -> k8s.K8sOptions:
+    base = dict(name="llama-ft", image="ghcr.io/acme/rayquant:0.1.0", storage="rayquant-pvc",
+                dataset_in_pod="/mnt/rayquant/data/train.jsonl", hf_token_secret="hf-token")
+    return k8s.K8sOptions(**{**base, **kw})
+
+
+def render(plan=H100, config=CONFIG, **kw):
+    return k8s.render_manifests(plan, config, options(**kw))
+
+
+# --- schema validity -------------------------------------------------------------------------
+@pytest.mark.parametrize("plan", [H100, MIXED], ids=["h100", "mixed"])
+@pytest.mark.parametrize("cluster", [False, True], ids=["rayjob", "raycluster"])
+def test_manifests_validate_against_kuberay_and_kubernetes_schemas(plan, cluster, crd_validators):
+    docs = render(plan, cluster=cluster, pip=("rayquant[train]==0.1.0",))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayCluster" if cluster else "RayJob"]
+    assert_valid(docs, crd_validators)
+
+
+def test_strict_crd_schema_catches_a_misspelt_field(crd_validators):
+    _, job = render()
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParam"] = {}
+    assert list(crd_validators["RayJob"].iter_errors(job))
+
+
+# --- worker groups, selectors, resources ------------------------------------------------------
+def groups(docs):
+    return _cluster_spec(docs[1])["workerGroupSpecs"]
+
+
+def container(group):
+    return group["template"]["spec"]["containers"][0]
+
+
+def test_homogeneous_h100_one_group_sized_from_the_plan():
+    docs = render(H100)
+    (group,) = groups(docs)
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 2)
+    res = container(group)["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == "8" and res["requests"] == res["limits"]
+    pod = group["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    size = k8s.worker_pod_size(H100.node_plans[0])
+    assert res["limits"]["memory"] == f"{size.memory_gib}Gi"
+    assert size.memory_bytes >= 8 * 3 * GIB + 8 * k8s.WORKER_PROCESS_BYTES
+    assert int(res["limits"]["cpu"]) >= 8  # at least one CPU per Ray Train worker
+
+
+def test_head_has_no_gpus_and_no_gpu_selector():
+    spec = _cluster_spec(render(MIXED)[1])
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert "nvidia.com/gpu" not in container(head)["resources"]["limits"]
+    assert "nodeSelector" not in head["template"]["spec"]
+    assert "tolerations" not in head["template"]["spec"]
+
+
+def test_mixed_cluster_one_group_per_node_type_with_its_gpu_selector():
+    by_type = {g["labels"][NODE_TYPE_LABEL]: g for g in groups(render(MIXED))}
+    assert set(by_type) == {"H100-80GB-8", "A10G-1"}
+    h100, a10g = by_type["H100-80GB-8"], by_type["A10G-1"]
+    assert h100["replicas"] == 1 and a10g["replicas"] == 4
+    assert container(h100)["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container(a10g)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert a10g["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A10G"}
+    assert h100["groupName"] != a10g["groupName"]
+
+
+def test_ray_labels_are_what_worker_placement_selects_on():
+    """Every selector placement gives a rank is satisfied by the labels of its node type's group."""
+    from planner.hardware import parse_gpu_spec
+
+    by_value = {g["labels"][NODE_TYPE_LABEL]: g for g in groups(render(MIXED))}
+    node_types = parse_gpu_spec("1x8xH100-80GB,4x1xA10G")
+    selectors = worker_label_selectors(MIXED, node_types, node_labels={})
+    for worker, selector in zip(MIXED.workers, selectors):
+        group = by_value[selector[NODE_TYPE_LABEL]]
+        assert group["labels"][NODE_TYPE_LABEL] == node_type_label_value(worker.node_type)
+        # The pod carries it too (for kubectl and for KubeRay versions that copy pod labels).
+        assert group["template"]["metadata"]["labels"][NODE_TYPE_LABEL] == selector[NODE_TYPE_LABEL]
+
+
+def test_host_memory_for_offloaded_activations_raises_the_memory_request():
+    base = node_plan("A10G", 1, 4)
+    more = dataclasses.replace(base, host_memory_bytes=20 * GIB)
+    assert (k8s.worker_pod_size(more).memory_bytes - k8s.worker_pod_size(base).memory_bytes
+            == 20 * GIB)
+
+
+def test_cloud_gpu_label_gke_selects_every_label_value_of_the_gpu():
+    (group,) = groups(render(H100, gpu_label="cloud.google.com/gke-accelerator"))
+    spec = group["template"]["spec"]
+    assert "nodeSelector" not in spec
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    assert term["matchExpressions"] == [{"key": "cloud.google.com/gke-accelerator", "operator": "In",
+                                         "values": ["nvidia-h100-80gb", "nvidia-h100-mega-80gb"]}]
+
+
+def test_gpu_without_a_known_cloud_label_value_says_how_to_fix_and_accepts_an_override():
+    with pytest.raises(k8s.K8sError, match="--gpu-value A10G="):
+        render(MIXED, gpu_label="cloud.google.com/gke-accelerator")
+    docs = render(MIXED, gpu_label="example.com/gpu", gpu_values={"A10G": "a10g", "H100-80GB": "h100"})
+    selectors = [g["template"]["spec"]["nodeSelector"] for g in groups(docs)]
+    assert selectors == [{"example.com/gpu": "h100"}, {"example.com/gpu": "a10g"}]
+
+
+def test_cpu_node_type_renders_without_gpus():
+    plan = training_plan(node_plan("CPU", 1, 2), model="rayquant/tiny-llama")
+    (group,) = groups(render(plan, config={**CONFIG, "model": "rayquant/tiny-llama"}))
+    spec = group["template"]["spec"]
+    assert "nvidia.com/gpu" not in container(group)["resources"]["limits"]
+    assert "nodeSelector" not in spec and "tolerations" not in spec
+
+
+# --- config, storage, entrypoint ----------------------------------------------------------------
+def mounted(docs):
+    return yaml.safe_load(docs[0]["data"][k8s.TRAIN_CONFIG_FILE])
+
+
+def test_config_and_plan_are_mounted_and_the_entrypoint_trains_on_them():
+    docs = render(MIXED)
+    configmap, job = docs
+    assert TrainingPlan.from_json(configmap["data"]["plan.json"]) == MIXED
+    config = mounted(docs)
+    assert config["plan"] == "/etc/rayquant/plan.json"
+    assert config["run"]["storage_path"] == "/mnt/rayquant" and "output_dir" not in config["run"]
+    assert config["run"]["name"] == "llama-ft" and config["sft"] == CONFIG["sft"]
+    assert job["spec"]["entrypoint"] == "rayquant train /etc/rayquant/train.yaml"
+    spec = _cluster_spec(job)
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container(group)["volumeMounts"]}
+        assert volumes[mounts["/etc/rayquant"]]["configMap"]["name"] == configmap["metadata"]["name"]
+        assert volumes[mounts["/mnt/rayquant"]]["persistentVolumeClaim"] == {"claimName": "rayquant-pvc"}
+
+
+def test_job_lifecycle_fields():
+    spec = render(pip=("rayquant[train]==0.1.0",), backoff_limit=3,
+                  active_deadline_seconds=7200)[1]["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (3, 7200)
+    assert spec["submissionMode"] == "K8sJobMode"
+    assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"pip": ["rayquant[train]==0.1.0"]}
+    assert "runtimeEnvYAML" not in render()[1]["spec"]
+
+
+def test_uri_storage_needs_no_volume():
+    docs = render(storage="s3://bucket/runs/")
+    assert mounted(docs)["run"]["storage_path"] == "s3://bucket/runs"
+    head = _cluster_spec(docs[1])["headGroupSpec"]["template"]["spec"]
+    assert all("persistentVolumeClaim" not in v for v in head["volumes"])
+
+
+@pytest.mark.parametrize("storage, match", [("file:///tmp/x", "scheme 'file'"),
+                                            ("My_PVC", "neither a URI nor a valid PVC name")])
+def test_bad_storage_is_refused_with_a_fix(storage, match):
+    with pytest.raises(k8s.K8sError, match=match):
+        options(storage=storage)
+
+
+def test_small_local_dataset_travels_in_the_configmap(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    docs = k8s.render_manifests(H100, {**CONFIG, "dataset": "train.jsonl"},
+                                options(dataset_in_pod=None), config_dir=str(tmp_path))
+    assert docs[0]["data"]["dataset.jsonl"] == data.read_text()
+    assert mounted(docs)["dataset"] == "/etc/rayquant/dataset.jsonl"
+
+
+def test_large_local_dataset_is_refused_with_a_fix(tmp_path):
+    (tmp_path / "big.jsonl").write_bytes(b"x" * (k8s.DATASET_EMBED_LIMIT_BYTES + 1))
+    with pytest.raises(k8s.K8sError, match="--dataset-in-pod"):
+        k8s.render_manifests(H100, {**CONFIG, "dataset": "big.jsonl"}, options(dataset_in_pod=None),
+                             config_dir=str(tmp_path))
+
+
+def test_model_mismatch_between_config_and_plan_is_refused():
+    with pytest.raises(k8s.K8sError, match="differs from the plan"):
+        render(config={**CONFIG, "model": "Qwen/Qwen2.5-7B"})
+
+
+# --- secrets ---------------------------------------------------------------------------------
+def test_hf_token_comes_from_a_secret_on_every_pod():
+    spec = _cluster_spec(render(MIXED, hf_token_secret="hf-creds:token")[1])
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in container(group)["env"]}
+        assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {
+            "secretKeyRef": {"name": "hf-creds", "key": "token"}}}
+        assert "value" not in env["HF_TOKEN"]
+
+
+def test_no_secret_no_token_env():
+    spec = _cluster_spec(render(hf_token_secret=None)[1])
+    assert "env" not in container(spec["headGroupSpec"])
+
+
+@pytest.mark.parametrize("config", [
+    {**CONFIG, "hf_token": "anything"},
+    {**CONFIG, "sft": {"note": "hf_" + "a" * 34}},
+], ids=["token-key", "token-value"])
+def test_inline_token_in_the_config_is_refused(config):
+    with pytest.raises(k8s.K8sError, match="--hf-token-secret"):
+        render(config=config)
+
+
+def test_token_passed_as_secret_name_is_refused():
+    with pytest.raises(k8s.K8sError, match="never the token itself"):
+        options(hf_token_secret="hf_" + "B" * 34)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("name", "Llama_FT", "DNS-1035"), ("name", "a" * 48, "at most 47"),
+    ("namespace", "Bad NS", "namespace"), ("image", "", "image"),
+    ("submission_mode", "InteractiveMode", "submission mode"),
+    ("active_deadline_seconds", 0, "active deadline"),
+])
+def test_bad_options_are_refused_clearly(field, value, match):
+    with pytest.raises(k8s.K8sError, match=match):
+        options(**{field: value})
+
+
+def test_output_yaml_round_trips_and_is_written_atomically(tmp_path):
+    docs = render(MIXED)
+    out = tmp_path / "sub" / "rayjob.yaml"
+    k8s.write_atomic(out, k8s.dump_yaml(docs))
+    assert list(yaml.safe_load_all(out.read_text())) == docs
+    assert [p.name for p in out.parent.iterdir()] == ["rayjob.yaml"]  # no temp file left
