@@ -38,7 +38,8 @@ class LinearShape:
 
     @property
     def params(self) -> int:
-        return self.count * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+        bias = self.out_features if self.bias else 0
+        return self.count * (self.in_features * self.out_features + bias)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ class ModelSpec:
         if not self.is_moe:
             return layers + self._mlp_linears(self.intermediate_size)
         layers += (LinearShape("gate", self.hidden_size, self.num_experts, bias=self.router_bias),)
-        layers += self._mlp_linears(self.moe_intermediate_size, self.num_experts, True, self.expert_bias)
+        layers += self._mlp_linears(self.moe_intermediate_size, self.num_experts, True,
+                                    self.expert_bias)
         if self.shared_expert_intermediate_size:
             layers += self._mlp_linears(self.shared_expert_intermediate_size)
         if self.shared_expert_gate:
@@ -151,7 +153,8 @@ class ModelSpec:
             return attn, sum(x.params for x in linears) - attn - router, router
 
         moe_layers = n - self.num_dense_layers if self.is_moe else 0
-        attn_l, mlp_l, router_l = split(self.linear_layers() if self.is_moe else self._dense_layer_linears())
+        attn_l, mlp_l, router_l = split(self.linear_layers() if self.is_moe
+                                        else self._dense_layer_linears())
         attn_d, mlp_d, _ = split(self._dense_layer_linears())
         extra_attn = self.num_attention_heads if self.attention_sinks else 0
         dense_layers = n - moe_layers

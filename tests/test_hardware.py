@@ -173,3 +173,14 @@ def test_gpus_command_lists_the_catalog():
     assert h100["compute_capability"] == "9.0" and h100["fp8"] and h100["bf16"]
     assert h100["memory_bytes"] == 81559 * MIB and h100["nvml_names"] == ["NVIDIA H100 80GB HBM3"]
     assert rows["T4"]["bf16"] is False and rows["T4"]["fp8_tflops"] is None
+
+
+def test_catalog_commands_import_neither_torch_nor_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from rayquant.cli import main; "
+            "r = [CliRunner().invoke(main, c).exit_code for c in (['gpus'], ['models'])]; "
+            "print(r, sorted(m for m in ('torch', 'ray', 'transformers', 'yaml') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[0, 0] []", out.stdout + out.stderr
