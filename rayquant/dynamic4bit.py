@@ -275,3 +275,40 @@ def protected_weight_bytes(model, protected: Iterable[str]) -> int:
         w = model.get_submodule(name).weight
         total += w.numel() * w.element_size()
     return total
+
+
+def protection_for(model_path: str | Path, budget_bytes: int, double_quant: bool = True) -> Protection:
+    """Measure NF4 errors of `model_path`'s weights (a local directory, or a hub id already in the
+    local cache) and choose the protected modules within `budget_bytes`."""
+    path = local_model_dir(model_path)
+    if budget_bytes <= 0:
+        return Protection((), 0, max(budget_bytes, 0), 0)
+    return select_protected(measure_errors_from_checkpoint(path, double_quant=double_quant),
+                            budget_bytes, double_quant)
+
+
+def local_model_dir(model_path: str | Path) -> Path:
+    """A directory holding the checkpoint (a hub id resolves to its cached snapshot)."""
+    path = Path(model_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model_path), allow_patterns=["*.safetensors", "*.json"]))
+
+
+def protection_for_plan(model_path: str | Path, node_plan) -> Protection | None:
+    """For rayquant.loading: the Protection a dynamic-4bit NodePlan asks for, None for other schemes."""
+    if node_plan.quantization != "dynamic-4bit":
+        return None
+    return protection_for(model_path, node_plan.protected_budget_bytes, node_plan.double_quant)
+
+
+def after_load(model, model_path: str | Path, protection: Protection | None) -> dict:
+    """For rayquant.loading, after the base loads and before LoRA: make the protected modules 16-bit
+    where the loader ignored the skip list (Unsloth's CPU fallback), and return the manifest fields."""
+    if protection is None:
+        return {}
+    restored = restore_protected_modules(model, local_model_dir(model_path), protection.protected)
+    return {**protection.as_dict(), "protected_restored_after_load": len(restored),
+            "protected_weight_bytes": protected_weight_bytes(model, protection.protected)}

@@ -214,3 +214,12 @@ def fp8_weight_bytes(model: nn.Module) -> int:
             if module.bias is not None:
                 total += module.bias.numel() * module.bias.element_size()
     return total
+
+
+def after_load(model, node_plan) -> dict:
+    """For rayquant.loading, after a 16-bit load and before LoRA: the ``rowwise`` FP8 path converts the
+    decoder's linears. Returns the manifest fields ({} for other schemes)."""
+    if node_plan.quantization != "fp8" or node_plan.fp8_path != "rowwise":
+        return {}
+    converted = convert_linears_to_fp8(model)
+    return {"fp8_path": "rowwise", "fp8_modules": len(converted), "fp8_weight_bytes": fp8_weight_bytes(model)}
