@@ -100,3 +100,379 @@ def models_command(as_json: bool, filter_text: str | None) -> None:
                                "vocab"], rows, right={2, 3, 4, 6}))
     click.echo("\nInstruct/chat variants and unsloth/...-bnb-4bit or -FP8 names map to these rows; "
                "the org prefix is optional.")
+
+
+@main.command("calibrate")
+@click.option("--model", required=True, metavar="M",
+              help="Catalog id (built with random weights from its config, nothing downloaded) or a "
+                   "local model directory.")
+@click.option("--quantization", "quantizations", multiple=True,
+              type=click.Choice(["bf16", "fp16", "nf4", "dynamic-4bit", "fp8"]),
+              help="Scheme to measure; repeat for several. Default: nf4 and bf16, plus fp8 where the "
+                   "GPU has FP8 (compute capability >= 8.9).")
+@click.option("--seq-len", "seq_lens", multiple=True, type=click.IntRange(min=1),
+              help="Sequence length; repeat for several. Default: 512 and 2048.")
+@click.option("--micro-batch", "micro_batches", multiple=True, type=click.IntRange(min=1),
+              help="Micro-batch size; repeat for several. Default: 1.")
+@click.option("--backend", type=click.Choice(["unsloth", "hf"]), default="unsloth", show_default=True,
+              help="Training stack to measure: the worker's Unsloth path or plain transformers+PEFT.")
+@click.option("--gradient-checkpointing", type=click.Choice(["none", "hf", "unsloth"]),
+              default="unsloth", show_default=True, help="Gradient checkpointing mode.")
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed optimizer steps per configuration (after one warm-up step).")
+@click.option("--budget-s", type=click.FloatRange(min=1), default=None,
+              help="Stop starting new configurations after this many seconds.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the random-weight checkpoints are written (default: a temporary directory).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run once per GPU type of a Ray cluster, as a task pinned to that type.")
+@click.option("--address", default=None, help="Ray cluster address for --ray (default: RAY_ADDRESS).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the calibration file here (measurements already in it for other GPUs or "
+                   "schemes are kept); the planner applies it as make_plan(calibration=...).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def calibrate_command(model, quantizations, seq_lens, micro_batches, backend, gradient_checkpointing,
+                      steps, budget_s, workdir, use_ray, address, output, as_json) -> None:
+    """Measure peak GPU memory and tokens/s for a few configurations next to the planner's
+    predictions, and write a calibration file the planner applies for this GPU type."""
+    import json
+    import os
+    import tempfile
+
+    from planner.calibration import Calibration, CalibrationError
+    from planner.model import load_model_spec
+    from planner.plan import PlanError
+
+    try:
+        load_model_spec(model)
+    except PlanError as e:
+        raise click.ClickException(str(e)) from None
+    from rayquant import calibrate as cal
+
+    if not use_ray:
+        try:
+            cal.check_cuda()
+        except cal.NoCudaError as e:
+            raise click.ClickException(str(e)) from None
+    if not quantizations:
+        import torch
+
+        fp8 = use_ray or (torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (8, 9))
+        quantizations = ("nf4", "bf16") + (("fp8",) if fp8 else ())
+    cases = [cal.CalibrationCase(model, q, s, b, backend=backend,
+                                 gradient_checkpointing=gradient_checkpointing)
+             for q in quantizations for s in (seq_lens or (512, 2048)) for b in (micro_batches or (1,))]
+    workdir = workdir or os.path.join(tempfile.gettempdir(), "rayquant-calibrate")
+    if use_ray:
+        try:
+            results, calibration = cal.calibrate_cluster(cases, address=address, steps=steps,
+                                                         budget_s=budget_s, workdir=workdir)
+        except cal.NoCudaError as e:
+            raise click.ClickException(str(e)) from None
+    else:
+        results = cal.run_cases(cases, workdir, steps=steps, budget_s=budget_s)
+        calibration = cal.calibration_from(results)
+    if output:
+        try:
+            if os.path.exists(output):
+                calibration = calibration.merged(Calibration.load(output))
+        except CalibrationError as e:
+            raise click.ClickException(f"{e} (or pass a new -o path)") from None
+        calibration.save(output)
+    if as_json:
+        click.echo(json.dumps({"results": results, "calibration": calibration.to_dict()}, indent=2,
+                              default=str))
+    else:
+        click.echo(cal.format_table(results))
+        for row in calibration.to_dict()["factors"]:
+            click.echo(f"{row['gpu']} {row['quantization']}: memory x{row['memory_factor']:.3f}, "
+                       f"tokens/s x{row['throughput_factor']:.3f}")
+        if output:
+            click.echo(f"wrote {output}")
+    if not any(r.get("status") == "ok" for r in results):
+        raise click.ClickException("no configuration could be measured; see the errors above")
+
+
+# -- planner: plan / estimate -------------------------------------------------------------------
+_GIB = 1024**3
+
+
+def _planner_error(e: Exception) -> None:
+    """A user mistake (PlanError/ValueError): one clear message, exit code 2, no traceback."""
+    click.echo(f"Error: {e}", err=True)
+    raise SystemExit(2)
+
+
+def _split_targets(text: str) -> tuple[str, ...]:
+    parts = tuple(t.strip() for t in text.split(",") if t.strip())
+    return ("all",) if parts == ("all",) else parts
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same directory and os.replace."""
+    import os
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".rayquant-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_inventory(path: str):
+    """Node types from a JSON or YAML inventory file (a list of node rows)."""
+    import json
+
+    from planner.hardware import node_types_from_dicts
+    from planner.plan import PlanError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise PlanError(f"cannot read inventory {path}: {e.strerror}. To fix: pass an existing "
+                        "JSON or YAML file with rows like {\"gpu\": \"A10G\", \"count\": 4}") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            rows = yaml.safe_load(text)
+        else:
+            rows = json.loads(text)
+    except Exception as e:  # json.JSONDecodeError or yaml.YAMLError: both are the file's fault
+        raise PlanError(f"inventory {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}"
+                        f" ({e}). To fix: write a list of rows like "
+                        "[{\"gpu\": \"A10G\", \"gpus_per_node\": 1, \"count\": 4}]") from None
+    return node_types_from_dicts(rows if rows is not None else [])
+
+
+def _plan_table(plan) -> str:
+    """The human-readable plan: choices, memory breakdown and reasons per node type."""
+    job = plan.job
+    lines = [f"Plan for {plan.model}: {plan.num_workers} worker(s), global batch "
+             f"{plan.global_batch_size} x {job.seq_len} tokens, predicted {plan.tokens_per_second:,.0f} "
+             f"tokens/s (safety margin {job.safety_margin:.0%})", ""]
+    heads = ["node type", "nodes", "workers", "quant", "micro", "accum", "optimizer", "ckpt",
+             "placement", "peak/budget GiB", "tok/s/worker"]
+    rows = [[p.node_type, p.nodes, p.num_workers, p.quantization, p.micro_batch_size,
+             p.gradient_accumulation_steps, p.optimizer, p.gradient_checkpointing, p.placement,
+             f"{p.peak_memory_bytes / _GIB:.1f}/{p.memory_budget_bytes / _GIB:.1f}",
+             f"{p.tokens_per_second:,.0f}"] for p in plan.node_plans]
+    lines.append(_catalog_table(heads, rows, right={1, 2, 4, 5, 9, 10}))
+    terms = ["weights", "adapters", "gradients", "optimizer", "activations", "logits", "overhead"]
+    rows = [[p.node_type] + [f"{getattr(p.breakdown, t) / _GIB:.2f}" for t in terms]
+            + [f"{p.host_memory_bytes / _GIB:.1f}"] for p in plan.node_plans]
+    lines += ["", "Memory per worker (GiB, busiest GPU):",
+              _catalog_table(["node type"] + terms + ["host"], rows, right=set(range(1, 9)))]
+    lines += ["", "Why:"]
+    for p in plan.node_plans:
+        lines.append(f"  {p.node_type}")
+        lines += [f"    {k}: {v}" for k, v in p.reasons.items()]
+    if plan.warnings:
+        lines += ["", "Warnings:"] + [f"  - {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def _plot_plan(plan, path: str) -> None:
+    """Each node type's memory breakdown as a stacked bar against its GPU's capacity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = ["weights", "adapters", "gradients", "optimizer", "activations", "logits", "overhead"]
+    names = [p.node_type for p in plan.node_plans]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 4.5))
+    bottoms = [0.0] * len(names)
+    for term in terms:
+        values = [getattr(p.breakdown, term) / _GIB for p in plan.node_plans]
+        ax.bar(names, values, bottom=bottoms, label=term)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    for i, p in enumerate(plan.node_plans):
+        capacity = p.memory_budget_bytes / (1 - plan.job.safety_margin) / _GIB
+        ax.hlines(capacity, i - 0.4, i + 0.4, colors="black", label="GPU memory" if i == 0 else None)
+        ax.hlines(p.memory_budget_bytes / _GIB, i - 0.4, i + 0.4, colors="red", linestyles="dashed",
+                  label="budget (margin)" if i == 0 else None)
+    ax.set_ylabel("GiB per GPU (busiest)")
+    ax.set_title(f"{plan.model}: predicted peak memory per worker")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    import os
+    import tempfile
+
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".rayquant-", suffix=suffix,
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@main.command("plan")
+@click.option("--model", "-m", required=True, help="Hub id from the catalog (`rayquant models`), or a "
+              "local config.json / model directory.")
+@click.option("--gpus", default=None, metavar="SPEC",
+              help="Inventory as NODESxGPUSxGPU entries, e.g. 2x8xH100-80GB,4x1xA10G.")
+@click.option("--inventory", type=click.Path(dir_okay=False), default=None,
+              help="Inventory file (JSON or YAML list of rows: gpu, gpus_per_node, count, "
+                   "host_memory_gib, cpus). Combined with --gpus when both are given.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Tokens per training sequence.")
+@click.option("--global-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sequences per optimizer step over all workers.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank.")
+@click.option("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+              show_default=True, help="Comma-separated linear layers to adapt, or 'all'.")
+@click.option("--prefer", type=click.Choice(["accuracy", "balanced", "speed"]), default="balanced",
+              show_default=True, help="accuracy: most precise weights that fit; balanced/speed: "
+                                      "fastest (speed also allows FP8 via our row-wise linear on Ada).")
+@click.option("--quantization", type=click.Choice(["bf16", "fp16", "nf4", "dynamic-4bit", "fp8"]),
+              default=None, help="Pin the quantization on every node type (default: the planner chooses).")
+@click.option("--backend", type=click.Choice(["unsloth", "hf"]), default="unsloth", show_default=True,
+              help="Training stack the workers run.")
+@click.option("--safety-margin", type=click.FloatRange(0.0, 0.9, max_open=True), default=0.10,
+              show_default=True, help="Fraction of each GPU's memory the plan keeps free.")
+@click.option("--full-finetune", is_flag=True, help="Train every weight (16-bit) instead of LoRA.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--yaml", "as_yaml", is_flag=True, help="Print the plan as YAML.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Also write the plan to FILE (JSON, or YAML with --yaml), atomically.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Draw each node type's memory breakdown against its GPU to FILE.png or FILE.svg.")
+def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_targets, prefer,
+                 quantization, backend, safety_margin, full_finetune, as_json, as_yaml, output, plot):
+    """Plan a fine-tuning job on a (mixed) GPU inventory: per node type the quantization,
+    micro-batch, accumulation, optimizer, checkpointing and placement, each with its reason.
+    Imports neither torch nor ray."""
+    from planner.hardware import parse_gpu_spec
+    from planner.plan import JobSpec, PlanError
+    from planner.search import make_plan
+
+    if as_json and as_yaml:
+        _planner_error(PlanError("--json and --yaml exclude each other: pick one"))
+    if plot and not plot.lower().endswith((".png", ".svg")):
+        _planner_error(PlanError(f"--plot {plot}: the file must end in .png or .svg"))
+    try:
+        if not gpus and not inventory:
+            raise PlanError("no inventory: pass --gpus like 2x8xH100-80GB,4x1xA10G or "
+                            "--inventory FILE")
+        node_types = (parse_gpu_spec(gpus) if gpus else ()) + (_read_inventory(inventory) if inventory else ())
+        job = JobSpec(seq_len=seq_len, global_batch_size=global_batch, lora_rank=lora_rank,
+                      lora_targets=_split_targets(lora_targets), prefer=prefer, backend=backend,
+                      safety_margin=safety_margin, quantization=quantization,
+                      full_finetune=full_finetune)
+        plan = make_plan(model, node_types, job)
+    except (PlanError, ValueError) as e:
+        _planner_error(e)
+    text_json = plan.to_json()
+    if as_yaml or (output and output.endswith((".yaml", ".yml"))):
+        import yaml
+
+        text_yaml = yaml.safe_dump(plan.to_dict(), sort_keys=False)
+    if output:
+        _write_atomic(output, text_yaml if (as_yaml or output.endswith((".yaml", ".yml"))) else text_json + "\n")
+    if plot:
+        _plot_plan(plan, plot)
+    if as_json:
+        click.echo(text_json)
+    elif as_yaml:
+        click.echo(text_yaml, nl=False)
+    else:
+        click.echo(_plan_table(plan))
+
+
+@main.command("estimate")
+@click.option("--model", "-m", required=True, help="Hub id from the catalog, or a local config.json "
+              "/ model directory.")
+@click.option("--gpu", "-g", required=True, help="GPU catalog name, NVML name, CPU, or a size like 24GiB.")
+@click.option("--quantization", type=click.Choice(["bf16", "fp16", "nf4", "dynamic-4bit", "fp8"]),
+              default="nf4", show_default=True, help="How the base weights are stored.")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+              help="NF4 double quantization (absmax stored in 8 bits).")
+@click.option("--backend", type=click.Choice(["unsloth", "hf"]), default="unsloth", show_default=True,
+              help="unsloth: its kernels and chunked loss; hf: plain transformers + PEFT.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Tokens per sequence.")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Sequences per forward/backward.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank.")
+@click.option("--lora-targets", default="all", show_default=True,
+              help="Comma-separated linear layers to adapt, or 'all' (every linear of the decoder blocks).")
+@click.option("--full-finetune", is_flag=True, help="Train every weight (needs bf16/fp16).")
+@click.option("--gradient-checkpointing", type=click.Choice(["none", "hf", "unsloth"]),
+              default="unsloth", show_default=True,
+              help="none; hf: keep layer inputs on the GPU; unsloth: offload them to host RAM.")
+@click.option("--optimizer", type=click.Choice(["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]),
+              default="adamw_8bit", show_default=True, help="Optimizer whose states are counted.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def estimate_command(model, gpu, quantization, double_quant, backend, seq_len, micro_batch, lora_rank,
+                     lora_targets, full_finetune, gradient_checkpointing, optimizer, as_json):
+    """Predict peak memory, the longest sequence that fits, and tokens/s of one worker for one
+    fixed configuration."""
+    import json
+
+    from planner.hardware import lookup_gpu
+    from planner.memory import estimate_memory, max_seq_len
+    from planner.model import load_model_spec
+    from planner.plan import PlanError
+    from planner.throughput import tokens_per_second
+
+    notes = []
+    try:
+        spec = load_model_spec(model)
+        device = lookup_gpu(gpu)
+        if gradient_checkpointing == "unsloth" and backend == "hf":
+            raise PlanError("--gradient-checkpointing unsloth needs --backend unsloth. To fix: use "
+                            "--gradient-checkpointing hf with --backend hf")
+        if quantization == "bf16" and not device.supports_bf16 and not device.is_cpu:
+            notes.append(f"{device.name} has no bf16: the same bytes in fp16")
+        if quantization == "fp8" and not device.supports_fp8:
+            notes.append(f"{device.name} has no FP8 tensor cores: memory as FP8, no FP8 speedup")
+        config = dict(quantization=quantization, double_quant=double_quant, backend=backend,
+                      micro_batch_size=micro_batch, lora_rank=lora_rank,
+                      lora_targets=_split_targets(lora_targets), full_finetune=full_finetune,
+                      gradient_checkpointing=gradient_checkpointing, optimizer=optimizer)
+        est = estimate_memory(spec, device, seq_len=seq_len, **config)
+        longest = max_seq_len(spec, device, **config)
+        tps = tokens_per_second(spec, device, quantization=quantization, seq_len=seq_len,
+                                micro_batch_size=micro_batch, lora_rank=lora_rank,
+                                lora_targets=_split_targets(lora_targets), full_finetune=full_finetune,
+                                gradient_checkpointing=gradient_checkpointing)
+    except (PlanError, ValueError) as e:
+        _planner_error(e)
+    fits = est.peak_bytes <= device.memory_bytes
+    result = {
+        "model": spec.name, "gpu": device.name, "gpu_memory_bytes": device.memory_bytes,
+        "config": {"seq_len": seq_len, **{k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in config.items()}},
+        "peak_memory_bytes": est.peak_bytes, "allocated_bytes": est.allocated_bytes,
+        "breakdown_bytes": est.breakdown.as_dict(), "host_memory_bytes": est.host_bytes,
+        "trainable_params": est.trainable_params, "fits": fits, "max_seq_len": longest,
+        "tokens_per_second": tps, "notes": notes,
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{spec.name} on {device.name} ({device.memory_gib:.1f} GiB): {quantization}, "
+               f"seq {seq_len} x micro-batch {micro_batch}, {gradient_checkpointing} checkpointing, "
+               f"{optimizer}, {backend} backend")
+    rows = [[k, f"{v / _GIB:.2f}"] for k, v in est.breakdown.as_dict().items()]
+    rows.append(["peak", f"{est.peak_bytes / _GIB:.2f}"])
+    click.echo(_catalog_table(["term", "GiB"], rows, right={1}))
+    click.echo(f"\nfits: {'yes' if fits else 'NO'} ({est.peak_bytes / _GIB:.2f} of "
+               f"{device.memory_gib:.2f} GiB); longest sequence that fits at micro-batch "
+               f"{micro_batch}: {longest}; host RAM: {est.host_bytes / _GIB:.2f} GiB; predicted "
+               f"{tps:,.0f} tokens/s; trainable parameters: {est.trainable_params:,}")
+    for n in notes:
+        click.echo(f"note: {n}")
