@@ -234,8 +234,19 @@ def _distribute(job: JobSpec, types: Sequence[_TypeSearch]) -> tuple[list[int], 
     W = [t.node_type.count * t.workers_per_node for t in types]
     grain = [job.micro_batch_size or 1] * len(types)
     rates = [t.best.tokens_per_s for t in types]
-    total_rate = sum(w * r for w, r in zip(W, rates))
-    n = [max(g, g * math.floor(G * r / total_rate / g)) for g, r in zip(grain, rates)]
+    # Every worker takes at least one grain; types whose speed share is below that are pinned
+    # there and the rest of the batch is shared again among the others, until no share is below.
+    pinned: set[int] = set()
+    while True:
+        left = G - sum(W[i] * grain[i] for i in pinned)
+        free = [i for i in range(len(types)) if i not in pinned]
+        rate = sum(W[i] * rates[i] for i in free)
+        low = {i for i in free if left * rates[i] / rate < grain[i]} if free and left > 0 else set(free)
+        if not low:
+            break
+        pinned |= low
+    n = [grain[i] if i in pinned else grain[i] * math.floor(left * rates[i] / rate / grain[i])
+         for i in range(len(types))]
     base = sum(w * x for w, x in zip(W, n))
     if base >= G:
         if base > G:

@@ -1,0 +1,141 @@
+"""planner.search.make_plan: choices, errors, and properties over random inventories (hypothesis)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from planner.hardware import GPU_CATALOG, NodeType, lookup_gpu, parse_gpu_spec
+from planner.model import load_model_spec
+from planner.plan import JobSpec, PlanError, TrainingPlan
+from planner.search import make_plan
+
+LLAMA_8B = load_model_spec("meta-llama/Llama-3.1-8B")
+GPUS = [g for g in GPU_CATALOG if g.name in ("T4", "A10G", "L4", "RTX-4090", "A100-40GB", "A100-80GB",
+                                              "H100-80GB", "L40S")]
+
+
+def test_choices_follow_compute_capability():
+    plan = make_plan(LLAMA_8B, parse_gpu_spec("1x8xH100-80GB,1x1xL4,1x1xT4,1x1xA100-80GB"),
+                     JobSpec(seq_len=2048, global_batch_size=32))
+    by = {p.gpu: p for p in plan.node_plans}
+    assert by["H100-80GB"].quantization == "fp8" and by["H100-80GB"].fp8_path == "unsloth"
+    assert by["L4"].quantization == "dynamic-4bit"  # FP8 on Ada only with prefer=speed
+    assert by["T4"].compute_dtype == "float16"
+    assert by["A100-80GB"].quantization == "bf16"
+    assert by["L4"].protected_budget_bytes > 0
+    for p in plan.node_plans:
+        assert set(p.reasons) >= {"quantization", "micro_batch_size", "gradient_accumulation_steps",
+                                  "optimizer", "gradient_checkpointing", "placement"}
+    speed = make_plan(LLAMA_8B, parse_gpu_spec("L4"), JobSpec(prefer="speed"))
+    assert speed.node_plans[0].quantization == "fp8"
+    assert speed.node_plans[0].fp8_path == "rowwise" and "row-wise" in speed.node_plans[0].reasons["quantization"]
+    accurate = make_plan(LLAMA_8B, parse_gpu_spec("8xH100-80GB"), JobSpec(prefer="accuracy"))
+    assert accurate.node_plans[0].quantization == "bf16"
+
+
+def test_workers_in_rank_order_and_json_round_trip():
+    plan = make_plan(LLAMA_8B, parse_gpu_spec("2x2xA100-80GB,3x1xA10G"), JobSpec(global_batch_size=14))
+    assert [(w.node_type, w.node_index, w.local_rank) for w in plan.workers] == [
+        ("A100-80GB:2", 0, 0), ("A100-80GB:2", 0, 1), ("A100-80GB:2", 1, 0), ("A100-80GB:2", 1, 1),
+        ("A10G:1", 0, 0), ("A10G:1", 1, 0), ("A10G:1", 2, 0)]
+    assert TrainingPlan.from_json(plan.to_json()) == plan
+    assert plan.model_summary["num_params"] == LLAMA_8B.num_params
+
+
+def test_pins_are_honoured_or_refused():
+    plan = make_plan(LLAMA_8B, parse_gpu_spec("2xA100-80GB"),
+                     JobSpec(quantization="nf4", optimizer="paged_adamw_8bit", micro_batch_size=2,
+                             gradient_checkpointing="unsloth", global_batch_size=8))
+    p = plan.node_plans[0]
+    assert (p.quantization, p.optimizer, p.micro_batch_size, p.gradient_checkpointing) == \
+        ("nf4", "paged_adamw_8bit", 2, "unsloth")
+    with pytest.raises(PlanError, match="FP8"):
+        make_plan(LLAMA_8B, parse_gpu_spec("A100-80GB"), JobSpec(quantization="fp8"))
+    with pytest.raises(PlanError, match="To fix"):
+        make_plan(LLAMA_8B, parse_gpu_spec("T4"), JobSpec(quantization="bf16", micro_batch_size=8))
+
+
+def test_nothing_fits_says_what_is_missing_per_node_type():
+    with pytest.raises(PlanError) as e:
+        make_plan("meta-llama/Llama-3.1-70B", parse_gpu_spec("1xT4,1xA10G"), JobSpec(seq_len=4096))
+    msg = str(e.value)
+    assert "T4:1" in msg and "A10G:1" in msg and "GiB more" in msg
+    assert "a GPU with at least" in msg and "--seq-len" not in msg.split("T4:1")[0]
+
+
+def test_larger_models_span_a_node_or_shard():
+    plan = make_plan("meta-llama/Llama-3.1-70B", parse_gpu_spec("1x4xL4"), JobSpec(seq_len=1024))
+    p = plan.node_plans[0]
+    assert p.placement == "node-spanning" and p.workers_per_node == 1 and p.gpus_per_worker == 4
+    assert p.device_map["model.embed_tokens"] == 0 and p.device_map["lm_head"] == 3
+    assert p.peak_memory_bytes <= p.memory_budget_bytes
+    full = make_plan(LLAMA_8B, parse_gpu_spec("8x1xA10G"), JobSpec(full_finetune=True, seq_len=1024))
+    assert full.node_plans[0].placement == "zero3" and full.node_plans[0].backend == "hf"
+
+
+def test_partial_fit_leaves_node_types_out_with_a_warning():
+    plan = make_plan("meta-llama/Llama-3.1-70B", parse_gpu_spec("1x8xH100-80GB,2x1xT4"), JobSpec())
+    assert [p.gpu for p in plan.node_plans] == ["H100-80GB"]
+    assert any("T4" in w for w in plan.warnings)
+
+
+def test_global_batch_warning_when_workers_outnumber_it():
+    plan = make_plan(LLAMA_8B, parse_gpu_spec("1x8xA100-80GB"), JobSpec(global_batch_size=5))
+    assert plan.global_batch_size == 8 and plan.warnings
+
+
+def test_thousand_node_inventory_is_grouped():
+    inventory = parse_gpu_spec("300x8xH100-80GB,400x1xA10G,200x4xL4,100x2xT4")
+    plan = make_plan(LLAMA_8B, inventory, JobSpec(global_batch_size=9000))
+    assert sum(p.nodes for p in plan.node_plans) == 1000
+    assert plan.num_workers == 300 * 8 + 400 + 200 * 4 + 100 * 2
+    assert plan.global_batch_size == 9000 and not plan.warnings
+    # Worker counts 2400/400/800/200 only make multiples of 200: the nearest larger, with a warning.
+    odd = make_plan(LLAMA_8B, inventory, JobSpec(global_batch_size=8192))
+    assert odd.global_batch_size == 8200 and "nearest larger" in odd.warnings[0]
+
+
+# -- properties ----------------------------------------------------------------------------------
+node_type = st.builds(lambda g, per, n: NodeType(gpu=g, gpus_per_node=per, count=n),
+                      st.sampled_from(GPUS), st.sampled_from([1, 2, 4, 8]), st.integers(1, 6))
+jobs = st.builds(JobSpec, seq_len=st.sampled_from([512, 1024, 2048, 4096]),
+                 global_batch_size=st.integers(1, 256), lora_rank=st.sampled_from([8, 16, 64]),
+                 prefer=st.sampled_from(["accuracy", "balanced", "speed"]))
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(st.lists(node_type, min_size=1, max_size=3, unique_by=lambda n: (n.gpu.name, n.gpus_per_node)), jobs)
+def test_every_plan_fits_with_its_margin_and_meets_the_batch(types, job):
+    try:
+        plan = make_plan(LLAMA_8B, types, job)
+    except PlanError:
+        return  # nothing fits: covered by the error tests
+    for p in plan.node_plans:
+        assert p.peak_memory_bytes <= p.memory_budget_bytes
+        gpu = lookup_gpu(p.gpu)
+        assert p.memory_budget_bytes <= gpu.memory_bytes * (1 - job.safety_margin) + 1
+        assert p.breakdown.total <= p.peak_memory_bytes + 1 or p.placement == "node-spanning"
+    assert plan.global_batch_size >= job.global_batch_size
+    if plan.global_batch_size != job.global_batch_size:
+        assert plan.warnings
+    if job.global_batch_size % plan.num_workers == 0:
+        assert plan.global_batch_size == job.global_batch_size
+
+
+@SETTINGS
+@given(st.sampled_from(GPUS), st.floats(1.0, 3.0), st.sampled_from([1, 2, 4]), jobs,
+       st.sampled_from(["balanced", "speed"]))
+def test_more_memory_never_gives_a_slower_plan(gpu, factor, per_node, job, prefer):
+    job = dataclasses.replace(job, prefer=prefer)
+    bigger = dataclasses.replace(gpu, memory_bytes=int(gpu.memory_bytes * factor))
+    try:
+        small = make_plan(LLAMA_8B, [NodeType(gpu=gpu, gpus_per_node=per_node, count=1)], job)
+    except PlanError:
+        return
+    large = make_plan(LLAMA_8B, [NodeType(gpu=bigger, gpus_per_node=per_node, count=1)], job)
+    assert large.tokens_per_second >= small.tokens_per_second * (1 - 1e-9)
