@@ -1,0 +1,85 @@
+"""`rayquant plan` / `rayquant estimate` through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from planner.plan import TrainingPlan
+from rayquant.cli import main
+
+NODE_FIELDS = {"gpu", "nodes", "gpus_per_node", "quantization", "micro_batch_size",
+               "gradient_accumulation_steps", "optimizer", "gradient_checkpointing", "placement",
+               "peak_memory_bytes", "tokens_per_second", "reasons"}
+
+
+def test_plan_json_fields_and_file(tmp_path):
+    out = tmp_path / "plan.json"
+    r = CliRunner().invoke(main, ["plan", "--model", "meta-llama/Llama-3.1-8B", "--gpus",
+                                  "2x8xH100-80GB,4x1xA10G", "--global-batch", "40", "--json",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["global_batch_size"] == 40 and data["num_workers"] == 20
+    for node in data["node_plans"]:
+        assert NODE_FIELDS <= set(node)
+    assert json.loads(TrainingPlan.load(str(out)).to_json()) == data
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rayquant-")]
+
+
+def test_plan_table_yaml_inventory_and_plot(tmp_path):
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("- {gpu: A100-80GB, gpus_per_node: 2, count: 1}\n- {gpu: L4, count: 2}\n")
+    png = tmp_path / "mem.png"
+    r = CliRunner().invoke(main, ["plan", "-m", "Qwen/Qwen2.5-7B", "--inventory", str(inv),
+                                  "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "A100-80GB:2" in r.output and "L4:1" in r.output and "Why:" in r.output
+    assert "quantization:" in r.output and "activations" in r.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    y = CliRunner().invoke(main, ["plan", "-m", "Qwen/Qwen2.5-7B", "--gpus", "L4", "--yaml"])
+    assert y.exit_code == 0 and "node_plans:" in y.output
+
+
+def test_plan_errors_are_clear_without_traceback(tmp_path):
+    runner = CliRunner()
+    cases = [
+        ["plan", "-m", "meta-llama/Llama-3.1-70B", "--gpus", "T4", "--seq-len", "8192"],
+        ["plan", "-m", "no-such/model", "--gpus", "A10G"],
+        ["plan", "-m", "meta-llama/Llama-3.1-8B", "--gpus", "2xH999"],
+        ["plan", "-m", "meta-llama/Llama-3.1-8B"],
+        ["plan", "-m", "meta-llama/Llama-3.1-8B", "--gpus", "L4", "--lora-targets", "q_proj,bogus"],
+    ]
+    for args in cases:
+        r = runner.invoke(main, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert "Traceback" not in r.output and "Error:" in r.output
+    bad = tmp_path / "inv.json"
+    bad.write_text("{not json")
+    r = runner.invoke(main, ["plan", "-m", "meta-llama/Llama-3.1-8B", "--inventory", str(bad)])
+    assert r.exit_code == 2 and "not valid JSON" in r.output
+    r = runner.invoke(main, ["plan", "-m", "meta-llama/Llama-3.1-70B", "--gpus", "T4"])
+    assert "GiB more" in r.output and "To fix" in r.output
+
+
+def test_estimate_json():
+    r = CliRunner().invoke(main, ["estimate", "-m", "meta-llama/Llama-3.1-8B", "-g", "A10G",
+                                  "--quantization", "nf4", "--seq-len", "2048", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert set(d["breakdown_bytes"]) == {"weights", "adapters", "gradients", "optimizer",
+                                         "activations", "logits", "overhead"}
+    assert d["peak_memory_bytes"] == sum(d["breakdown_bytes"].values())
+    assert d["fits"] is True and d["max_seq_len"] > 2048 and d["tokens_per_second"] > 0
+    big = CliRunner().invoke(main, ["estimate", "-m", "meta-llama/Llama-3.1-8B", "-g", "T4",
+                                    "--quantization", "bf16", "--full-finetune",
+                                    "--gradient-checkpointing", "none", "--json"])
+    assert big.exit_code == 0 and json.loads(big.output)["fits"] is False
+    table = CliRunner().invoke(main, ["estimate", "-m", "meta-llama/Llama-3.1-8B", "-g", "24GiB",
+                                      "--lora-targets", "q_proj,v_proj", "--backend", "hf",
+                                      "--gradient-checkpointing", "hf"])
+    assert table.exit_code == 0 and "peak" in table.output and "fits:" in table.output
+    bad = CliRunner().invoke(main, ["estimate", "-m", "meta-llama/Llama-3.1-8B", "-g", "T4",
+                                    "--quantization", "nf4", "--full-finetune"])
+    assert bad.exit_code == 2 and "16-bit" in bad.output
