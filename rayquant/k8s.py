@@ -15,6 +15,7 @@ by itself from NVML). Usage:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import math
 import os
@@ -357,6 +358,62 @@ def mounted_config(train_config: Mapping[str, Any], plan: TrainingPlan, options:
     return config
 
 
+def job_spec_from_config(train_config: Mapping[str, Any]):
+    """The planner's JobSpec from a `rayquant train` config's lora/sft sections (as the trainer
+    builds it: RayQuantTrainer.job_spec)."""
+    from planner.plan import JobSpec
+    from rayquant.config import ConfigError, coerce_options
+
+    problems: list[str] = []
+    lora = coerce_options("lora", train_config.get("lora"), problems)
+    sft = coerce_options("sft", train_config.get("sft"), problems)
+    problems += lora.problems() + sft.problems()
+    if problems:
+        raise ConfigError(problems, "training config")
+    return JobSpec(seq_len=sft.seq_len, global_batch_size=sft.global_batch_size, lora_rank=lora.rank,
+                   lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
+                   lora_targets=lora.targets, prefer=sft.prefer, backend=sft.backend,
+                   quantization=sft.quantization, optimizer=sft.optimizer,
+                   micro_batch_size=sft.micro_batch_size,
+                   gradient_checkpointing=sft.gradient_checkpointing)
+
+
+def plan_for(train_config: Mapping[str, Any], model: str | None = None, gpus: str | None = None,
+             inventory: str | None = None, plan_path: str | None = None) -> TrainingPlan:
+    """The plan to render: loaded from `plan_path`, or made for the cluster `gpus` / `inventory`
+    describes, for `model` (default: the config's) and the config's LoRA/SFT settings."""
+    given = [flag for flag, value in (("--gpus", gpus), ("--inventory", inventory),
+                                      ("--plan", plan_path)) if value]
+    if len(given) != 1:
+        raise K8sError(("--gpus, --inventory and --plan exclude each other (got " + ", ".join(given)
+                        + ")" if given else "no cluster given") + ". To fix: describe the cluster "
+                       "with --gpus 2x8xH100-80GB,4x1xA10G or --inventory nodes.yaml, or pass a "
+                       "plan from `rayquant plan --json` with --plan plan.json")
+    model = model or train_config.get("model")
+    if plan_path:
+        plan = TrainingPlan.load(plan_path)
+        if model and model != plan.model:
+            raise K8sError(f"--plan {plan_path} is for {plan.model!r}, not {model!r}. To fix: "
+                           "re-plan for this model or drop --model")
+        return plan
+    if not isinstance(model, str) or not model:
+        raise K8sError("no model: pass --model or set `model:` in the config")
+    from planner.hardware import parse_gpu_spec
+    from planner.model import load_model_spec
+    from planner.search import make_plan
+    from rayquant.trainer import _model_config_path
+
+    if gpus:
+        node_types = parse_gpu_spec(gpus)
+    else:
+        from rayquant.inventory import load_inventory_file
+
+        node_types = load_inventory_file(inventory)
+    spec = load_model_spec(_model_config_path(model))
+    plan = make_plan(spec, node_types, job_spec_from_config(train_config))
+    return dataclasses.replace(plan, model=model)
+
+
 def _yaml():
     import yaml
 
@@ -506,7 +563,8 @@ def dump_yaml(docs: list[dict]) -> str:
     yaml = _yaml()
 
     class _Dumper(yaml.SafeDumper):
-        pass
+        def ignore_aliases(self, data):  # pods share volume lists: write them out, no &anchors
+            return True
 
     def _str(dumper, value):
         style = "|" if "\n" in value else None
@@ -552,3 +610,14 @@ def manifest_summary(docs: list[dict]) -> dict[str, Any]:
             "entrypoint": kind_doc["spec"].get("entrypoint",
                                                kind_doc["metadata"]["annotations"].get("rayquant.io/entrypoint")),
             "worker_groups": groups}
+
+
+def summary_text(summary: Mapping[str, Any]) -> str:
+    """A few lines for humans: what was rendered and each worker group's shape."""
+    lines = [f"{summary['kind']} {summary['namespace']}/{summary['name']} "
+             f"(config: ConfigMap {summary['configmap']}), entrypoint: {summary['entrypoint']}"]
+    for g in summary["worker_groups"]:
+        lines.append(f"  group {g['group']}: {g['replicas']} pod(s) x {g['gpus']} GPU, "
+                     f"{g['cpu']} CPU, {g['memory']} memory, Ray label "
+                     f"{NODE_TYPE_LABEL}={g['node_type']}")
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ selectors, resources and secret handling as the plan says; the k8s/ examples sta
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
@@ -369,3 +370,100 @@ def test_output_yaml_round_trips_and_is_written_atomically(tmp_path):
     k8s.write_atomic(out, k8s.dump_yaml(docs))
     assert list(yaml.safe_load_all(out.read_text())) == docs
     assert [p.name for p in out.parent.iterdir()] == ["rayjob.yaml"]  # no temp file left
+
+
+# --- the CLI and the rendered examples in k8s/ -------------------------------------------------
+def run_cli(*args):
+    result = CliRunner().invoke(main, ["k8s", *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result
+
+
+EXAMPLE_ARGS = ["--config", "k8s/train.yaml", "--image", "registry.example.com/rayquant:0.1.0",
+                "--storage", "rayquant-pvc", "--hf-token-secret", "hf-token",
+                "--dataset-in-pod", "/mnt/rayquant/data/train.jsonl"]
+EXAMPLES = {
+    "rayjob-h100.yaml": ["--gpus", "2x8xH100-80GB", "--name", "llama-h100", *EXAMPLE_ARGS],
+    "rayjob-mixed.yaml": ["--gpus", "1x8xH100-80GB,4x1xA10G", "--name", "llama-mixed", *EXAMPLE_ARGS],
+}
+
+
+@pytest.mark.parametrize("filename", sorted(EXAMPLES))
+def test_examples_in_k8s_dir_match_the_renderer(filename, tmp_path, monkeypatch, crd_validators):
+    """k8s/ holds what `rayquant k8s` renders today (set RAYQUANT_UPDATE_K8S_EXAMPLES=1 to
+    re-render them after a planner or renderer change)."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / filename
+    result = run_cli(*EXAMPLES[filename], "-o", str(out))
+    assert result.exit_code == 0, result.output
+    rendered = out.read_text()
+    committed = REPO / "k8s" / filename
+    if os.environ.get("RAYQUANT_UPDATE_K8S_EXAMPLES") == "1":
+        k8s.write_atomic(committed, rendered)
+    assert committed.read_text() == rendered, (
+        f"k8s/{filename} is stale: re-render with RAYQUANT_UPDATE_K8S_EXAMPLES=1 "
+        f"pytest tests/test_k8s.py -k examples")
+    docs = list(yaml.safe_load_all(rendered))
+    assert_valid(docs, crd_validators)
+    assert "hf_" not in rendered  # the token is only ever a Secret reference
+
+
+def test_mixed_example_groups_follow_its_plan():
+    docs = list(yaml.safe_load_all((REPO / "k8s" / "rayjob-mixed.yaml").read_text()))
+    plan = TrainingPlan.from_json(docs[0]["data"]["plan.json"])
+    by_label = {g["labels"][NODE_TYPE_LABEL]: g for g in groups(docs)}
+    assert set(by_label) == {node_type_label_value(p.node_type) for p in plan.node_plans}
+    for p in plan.node_plans:
+        group = by_label[node_type_label_value(p.node_type)]
+        assert group["replicas"] == p.nodes
+        limits = container(group)["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == str(p.gpus_per_node)
+        assert limits["memory"] == f"{k8s.worker_pod_size(p).memory_gib}Gi"
+
+
+def test_cli_prints_yaml_and_a_json_summary(monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = run_cli(*EXAMPLES["rayjob-mixed.yaml"])
+    assert result.exit_code == 0
+    docs = list(yaml.safe_load_all(result.output))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    summary = json.loads(run_cli(*EXAMPLES["rayjob-mixed.yaml"], "--json").output)
+    assert {(g["node_type"], g["replicas"], g["gpus"]) for g in summary["worker_groups"]} == {
+        ("H100-80GB-8", 1, 8), ("A10G-1", 4, 1)}
+    assert summary["entrypoint"] == "rayquant train /etc/rayquant/train.yaml"
+
+
+def test_cli_uses_a_given_plan_and_renders_a_raycluster(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(MIXED.to_json())
+    result = run_cli("--config", "k8s/train.yaml", "--plan", str(plan_file), "--image", "img:1",
+                     "--storage", "gs://bucket/runs", "--dataset-in-pod", "/data/x.jsonl",
+                     "--cluster", "--gpu-label", "karpenter.k8s.aws/instance-gpu-name")
+    assert result.exit_code == 0, result.output
+    configmap, cluster = yaml.safe_load_all(result.output)
+    assert cluster["kind"] == "RayCluster"
+    assert TrainingPlan.from_json(configmap["data"]["plan.json"]) == MIXED
+    selectors = [g["template"]["spec"]["nodeSelector"] for g in groups([configmap, cluster])]
+    assert selectors == [{"karpenter.k8s.aws/instance-gpu-name": "h100"},
+                         {"karpenter.k8s.aws/instance-gpu-name": "a10g"}]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--gpus", "2x8xH100-80GB", "--inventory", "nodes.yaml"], "exclude each other"),
+    (["--gpus", "2x8xNOPE-GPU"], "unknown GPU"),
+    (["--gpus", "1x1xT4", "--gpu-value", "T4"], "GPU=VALUE"),
+    (["--gpus", "1x1xT4", "--name", "Bad_Name"], "DNS-1035"),
+], ids=["two-clusters", "unknown-gpu", "bad-gpu-value", "bad-name"])
+def test_cli_errors_are_clear_and_without_traceback(args, match, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = run_cli("--config", "k8s/train.yaml", "--image", "img:1", "--storage", "pvc",
+                     "--dataset-in-pod", "/data/x.jsonl", *args)
+    assert result.exit_code != 0
+    assert match in result.output and "Traceback" not in result.output
+
+
+def test_cli_refuses_a_missing_config(tmp_path):
+    result = run_cli("--config", str(tmp_path / "nope.yaml"), "--gpus", "1x1xT4", "--image", "i",
+                     "--storage", "pvc")
+    assert result.exit_code == 1 and "cannot read --config" in result.output
