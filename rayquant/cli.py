@@ -476,3 +476,114 @@ def estimate_command(model, gpu, quantization, double_quant, backend, seq_len, m
                f"{tps:,.0f} tokens/s; trainable parameters: {est.trainable_params:,}")
     for n in notes:
         click.echo(f"note: {n}")
+
+
+@main.command("k8s")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The `rayquant train` YAML config to run (mounted into the pods).")
+@click.option("--image", required=True, help="Container image with Ray and rayquant[train] installed.")
+@click.option("--model", default=None, help="Model id or path (default: the config's `model`).")
+@click.option("--gpus", default=None, help="The cluster to plan for, e.g. 2x8xH100-80GB,4x1xA10G.")
+@click.option("--inventory", type=click.Path(dir_okay=False), default=None,
+              help="The cluster to plan for, as a YAML/JSON node list (see `rayquant inventory`).")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default=None,
+              help="Use this plan (from `rayquant plan --json`) instead of planning.")
+@click.option("--storage", required=True,
+              help="Shared storage for checkpoints and the adapter: a ReadWriteMany PVC name "
+                   "(mounted at /mnt/rayquant) or a URI such as s3://bucket/prefix.")
+@click.option("--namespace", default="default", show_default=True, help="Kubernetes namespace.")
+@click.option("--name", default=None, help="RayJob/RayCluster name (default: rayquant-<model>).")
+@click.option("--hf-token-secret", default=None,
+              help="Secret with the Hugging Face token, NAME or NAME:KEY (key default HF_TOKEN); "
+                   "exposed to the pods as HF_TOKEN, never written into the manifest.")
+@click.option("--gpu-label", default="nvidia.com/gpu.product", show_default=True,
+              help="Node label that names the GPU: GPU feature discovery's, or a cloud's such as "
+                   "cloud.google.com/gke-accelerator or karpenter.k8s.aws/instance-gpu-name.")
+@click.option("--gpu-value", "gpu_values", multiple=True, metavar="GPU=VALUE",
+              help="The --gpu-label value of a GPU where rayquant's table lacks it "
+                   "(e.g. A10G=nvidia-a10g); repeatable.")
+@click.option("--dataset-in-pod", default=None,
+              help="The dataset's path inside the pods (on the storage or in the image); default: "
+                   "the config's local dataset travels in the ConfigMap (up to 512 KiB).")
+@click.option("--pip", "pip_packages", multiple=True,
+              help="Package the job's runtime_env installs (runtimeEnvYAML); repeatable.")
+@click.option("--cluster", is_flag=True,
+              help="Render a RayCluster for interactive use instead of a RayJob.")
+@click.option("--submission-mode", type=click.Choice(["K8sJobMode", "HTTPMode", "SidecarMode"]),
+              default="K8sJobMode", show_default=True, help="How KubeRay submits the job.")
+@click.option("--backoff-limit", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Retries of the whole job on a fresh cluster.")
+@click.option("--deadline-hours", type=click.FloatRange(min=0, min_open=True), default=24.0,
+              show_default=True, help="activeDeadlineSeconds: stop the job after this many hours.")
+@click.option("--ttl-seconds", type=click.IntRange(min=0), default=600, show_default=True,
+              help="Keep the finished cluster this long (ttlSecondsAfterFinished).")
+@click.option("--ray-version", default=None, help="rayVersion of the cluster (default: 2.60.0).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the manifests here (atomically) instead of printing them.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary (worker groups, resources, entrypoint) instead of YAML.")
+def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, namespace, name,
+                hf_token_secret, gpu_label, gpu_values, dataset_in_pod, pip_packages, cluster,
+                submission_mode, backoff_limit, deadline_hours, ttl_seconds, ray_version, output,
+                as_json) -> None:
+    """Render KubeRay manifests from the plan: a ConfigMap (training config + plan) and a RayJob
+    running `rayquant train` on it (a RayCluster with --cluster). One worker group per node type:
+    replicas, nvidia.com/gpu, CPU and memory from the plan, a GPU node selector and toleration, and
+    the rayquant.io/node-type Ray label the workers are pinned by.
+
+    \b
+    rayquant k8s --config train.yaml --gpus 2x8xH100-80GB --image ghcr.io/acme/rayquant:0.1 \\
+        --storage rayquant-pvc --hf-token-secret hf-token -o rayjob.yaml
+    kubectl apply -f rayjob.yaml
+    """
+    import json
+    import os
+
+    import yaml
+
+    from planner.plan import PlanError
+    from rayquant import k8s
+    from rayquant.config import ConfigError
+
+    try:
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                train_config = yaml.safe_load(f)
+        except OSError as e:
+            raise k8s.K8sError(f"cannot read --config {config_path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise k8s.K8sError(f"--config {config_path} is not valid YAML: {e}") from None
+        if not isinstance(train_config, dict):
+            raise k8s.K8sError(f"--config {config_path} must hold a mapping (model, dataset, ...)")
+        values = {}
+        for item in gpu_values:
+            gpu, sep, value = item.partition("=")
+            if not sep or not gpu or not value:
+                raise k8s.K8sError(f"--gpu-value {item!r} must look like GPU=VALUE, e.g. A10G=a10g")
+            values[gpu] = value
+        plan = k8s.plan_for(train_config, model, gpus, inventory, plan_path)
+        options = k8s.K8sOptions(
+            name=name or k8s.default_name(plan.model), image=image, storage=storage,
+            namespace=namespace, hf_token_secret=hf_token_secret, gpu_label=gpu_label,
+            gpu_values=values, cluster=cluster, dataset_in_pod=dataset_in_pod,
+            ray_version=ray_version or k8s.DEFAULT_RAY_VERSION, pip=pip_packages,
+            submission_mode=submission_mode, backoff_limit=backoff_limit,
+            active_deadline_seconds=max(1, round(deadline_hours * 3600)),
+            ttl_seconds_after_finished=ttl_seconds)
+        docs = k8s.render_manifests(plan, train_config, options,
+                                    config_dir=os.path.dirname(os.path.abspath(config_path)))
+    except (k8s.K8sError, PlanError, ConfigError) as e:
+        raise click.ClickException(str(e)) from None
+    text = k8s.dump_yaml(docs)
+    if output:
+        k8s.write_atomic(output, text)
+    summary = k8s.manifest_summary(docs)
+    if as_json:
+        click.echo(json.dumps({**summary, "output": output}, indent=2))
+    elif output:
+        click.echo(k8s.summary_text(summary) + f"\nwrote {output}; apply with: kubectl apply -f {output}")
+    else:
+        click.echo(text, nl=False)
+    if image.startswith(("rayproject/ray:", "docker.io/rayproject/ray:")) and not pip_packages:
+        click.echo(f"note: {image} has no rayquant installed; add --pip 'rayquant[train]' or build "
+                   "an image (docs/kubernetes.md)", err=True)
