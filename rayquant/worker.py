@@ -34,6 +34,13 @@ class DeviceMismatchError(RuntimeError):
     """This worker's device is not what the plan was made for."""
 
 
+def import_unsloth_first() -> None:
+    """Ray worker_process_setup_hook: Unsloth patches transformers/TRL only when imported before
+    them, and Ray's worker start-up may import transformers before the train loop runs."""
+    if os.environ.get("RAYQUANT_BACKEND", "unsloth") == "unsloth":
+        import unsloth  # noqa: F401
+
+
 def check_device(node_plan: NodePlan, rank: int) -> dict[str, Any]:
     """The device this worker runs on, checked against its NodePlan; a mismatch raises."""
     import torch
@@ -191,7 +198,7 @@ def _callbacks(config: dict, rank: int, total_steps: int, node_plan: NodePlan):
                         (dst / STATE_FILE).write_text(json.dumps({
                             "global_step": state.global_step,
                             "data_position_rows": state.global_step * config["global_batch_size"],
-                            "world_size": config["world_size"]}))
+                            "world_size": config["world_size"], "losses": self.losses}))
                 metrics = {"step": state.global_step, "total_steps": total_steps, "rank": rank,
                            "checkpoint_step": state.global_step}
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if src.exists() else None)
@@ -264,6 +271,12 @@ def train_loop_per_worker(config: dict) -> None:
         config["model_path"], node_plan, plan.job, device_map=device_map_for(node_plan),
         seed=config["sft"]["seed"])
 
+    # DDP broadcasts every parameter and buffer from rank 0 at wrap time; the frozen base differs
+    # between ranks with different quantization (and need not travel at all), so only the LoRA
+    # parameters are synchronized.
+    model._ddp_params_and_buffers_to_ignore = (
+        [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()])
+
     data = ray.get(config["data_ref"])
     per_rank = [plan.for_rank(r)[1].samples_per_step for r in range(world)]
     shard = data.select(shard_indices(len(data), per_rank, rank))
@@ -278,6 +291,9 @@ def train_loop_per_worker(config: dict) -> None:
         args=_sft_args(config, node_plan, os.path.join(work, "hf"), config["format"]),
         optimizers=(optimizer, None), callbacks=callbacks)
 
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the driver prints progress lines instead
     checkpoint = ray.train.get_checkpoint()
     resumed_from = None
     t0 = time.perf_counter()
@@ -288,6 +304,7 @@ def train_loop_per_worker(config: dict) -> None:
                 raise RuntimeError(f"checkpoint was written by {state['world_size']} workers, this run has "
                                    f"{world}; start a new run (run.name) to change the worker count")
             resumed_from = state["global_step"]
+            report.losses = [tuple(x) for x in state.get("losses", []) if x[0] <= resumed_from]
             output = trainer.train(resume_from_checkpoint=str(Path(ckpt_dir) / CHECKPOINT_SUBDIR))
     else:
         output = trainer.train()
