@@ -85,6 +85,9 @@ UNSLOTH_CE_TARGET_BYTES = 4 * GIB
 HF_LOGIT_BYTES = 2 + 4 + 4 + 4
 
 COMPUTE_BYTES = 2  # bf16 / fp16
+# Architectures with LayerNorm instead of RMSNorm: torch's native layer_norm keeps its 16-bit input
+# and per-row statistics, with no fp32 copy of the input.
+LAYERNORM_MODEL_TYPES = ("phi", "gpt_neox", "gpt2", "falcon")
 
 
 @dataclass(frozen=True)
@@ -157,21 +160,25 @@ def _lora_tensors(x: LinearShape, rank: int) -> list[int]:
 
 
 # -- activations ----------------------------------------------------------------------------------
-def activation_bytes_per_token(model: ModelSpec, backend: str, full_finetune: bool) -> int:
+def activation_bytes_per_token(model: ModelSpec, backend: str, full_finetune: bool,
+                               quantization: str = "bf16", targets: Sequence[str] = ()) -> int:
     """Bytes one decoder layer keeps per token for its backward, without recomputation.
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", sec. 4.1)
     count 34*s*b*h for a GPT layer; redone here for SwiGLU + GQA + flash/SDPA attention (no s^2
-    score matrix: flash keeps only the output and a per-head logsumexp) and no dropout, 16-bit:
-      attention: layer input (RMSNorm backward) h, normed input (q/k/v projections) h, q after
-                 RoPE q, k and v kv each, attention output q (kept by SDPA) and its reshaped copy
-                 q (o_proj input)                                  -> 2h + 3q + 2kv
-      MLP:       input h, normed input h, gate and up outputs I each, silu(gate) I, product I
-                 (down_proj input)                                 -> 2h + 4I (non-gated: 2h + 2I)
-    The hf backend's LlamaRMSNorm upcasts its input to fp32 and keeps it (4h per norm, two norms).
-    Unsloth's kernels keep less: its Triton RMSNorm keeps input and rstd only, and its fused LoRA
-    MLP (unsloth/kernels/fast_lora.py LoRA_MLP) keeps X, gate and up and recomputes the rest
-    (2h + 2I). MoE: each token passes num_experts_per_tok experts (and the shared expert).
+    score matrix: flash keeps only its output and a per-head logsumexp) and no dropout, 16-bit:
+      always:    q after RoPE (q), k and v (kv each), the attention output (q, kept by SDPA); the
+                 MLP's gate and up outputs and silu(gate) (I each; non-gated: fc1 output I)
+      inputs of the linears, only where their backward needs them: autograd keeps a linear's input
+      only when its weight gets a gradient (full fine-tuning or a LoRA adapter on it; a frozen
+      F.linear saves just its weight), but bitsandbytes' MatMul4Bit and FP8 linears are custom
+      autograd functions that always keep it (`ctx.tensors = (A, B)`): normed input of q/k/v (h),
+      o_proj input (q), normed input of gate/up (h), down_proj input (I)
+      norms:     LlamaRMSNorm upcasts its input to fp32 and keeps that copy (4 B x h, two norms);
+                 LayerNorm architectures keep the 16-bit input (2 B x h)
+    Unsloth's kernels (backend "unsloth", LoRA) keep, per its fast_lora.py / fast_rms_layernorm: X for
+    LoRA_QKV and LoRA_W, X/gate/up for LoRA_MLP (recomputing silu and the product), the 16-bit
+    norm inputs: 2h + 3q + 2kv + 2h + 2I. MoE: a token passes num_experts_per_tok experts (+ shared).
     """
     h = model.hidden_size
     q = model.num_attention_heads * model.head_dim
@@ -181,16 +188,23 @@ def activation_bytes_per_token(model: ModelSpec, backend: str, full_finetune: bo
             model.shared_expert_intermediate_size
     else:
         width = model.intermediate_size
-    attention = 2 * h + 3 * q + 2 * kv
-    if not model.gated_mlp:
-        mlp = 2 * h + 2 * width
-    elif backend == "unsloth" and not full_finetune:
-        mlp = 2 * h + 2 * width
-    else:
-        mlp = 2 * h + 4 * width
-    elements = attention + mlp
+    if backend == "unsloth" and not full_finetune:
+        mlp = 2 * h + 2 * width if model.gated_mlp else 2 * h + 2 * width
+        return COMPUTE_BYTES * (2 * h + 3 * q + 2 * kv + mlp)
+    names = set(targets)
+
+    def kept(*group: str) -> bool:
+        return full_finetune or quantization in ("nf4", "dynamic-4bit", "fp8") or bool(names & set(group))
+
+    elements = 2 * q + 2 * kv + (3 * width if model.gated_mlp else width)
+    elements += h if kept("q_proj", "k_proj", "v_proj", "qkv_proj") else 0
+    elements += q if kept("o_proj") else 0
+    elements += h if kept("gate_proj", "up_proj", "gate_up_proj") else 0
+    elements += width if kept("down_proj") else 0
     per_token = COMPUTE_BYTES * elements
-    if backend == "hf":
+    if model.model_type in LAYERNORM_MODEL_TYPES:
+        per_token += 2 * COMPUTE_BYTES * h
+    else:
         per_token += 2 * 4 * h
     return per_token
 
@@ -322,7 +336,8 @@ def estimate_memory(
         paged_host = math.ceil(paged_host / num_shards)
 
     # Activations by checkpointing mode.
-    per_layer_act = tokens * activation_bytes_per_token(model, backend, full_finetune)
+    per_layer_act = tokens * activation_bytes_per_token(model, backend, full_finetune,
+                                                         quantization, targets)
     layer_input = tokens * COMPUTE_BYTES * h  # the residual stream entering a layer
     working = tokens * backward_working_bytes_per_token(model)
     L = model.num_layers

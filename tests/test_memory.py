@@ -140,12 +140,12 @@ def _real_bytes(tmp_path):
                                                  dtype=torch.bfloat16, device_map="cpu")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=list(TARGETS),
                                              task_type="CAUSAL_LM"))
-    seen: set[int] = set()
+    seen: dict[int, object] = {}  # data_ptr -> tensor, kept alive so addresses are not reused
 
     def nbytes(t) -> int:
         if t is None or not torch.is_tensor(t) or t.data_ptr() in seen:
             return 0
-        seen.add(t.data_ptr())
+        seen[t.data_ptr()] = t
         return t.numel() * t.element_size()
 
     weights = adapters = 0
@@ -164,7 +164,11 @@ def _real_bytes(tmp_path):
     ids = torch.randint(0, SMALL_LLAMA["vocab_size"], (1, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
-    optimizer = sum(nbytes(v) for p in trainable for v in opt.state[p].values())
+    # Per-parameter states; the quantization maps (qmap1/qmap2) are shared, so count them once.
+    optimizer = sum(v.numel() * v.element_size() for p in trainable for k, v in opt.state[p].items()
+                    if torch.is_tensor(v) and not k.startswith("qmap"))
+    qmaps = {id(v): v for p in trainable for k, v in opt.state[p].items() if k.startswith("qmap")}
+    optimizer += sum(v.numel() * v.element_size() for v in qmaps.values())
     return weights, adapters, optimizer
 
 
