@@ -189,8 +189,7 @@ def activation_bytes_per_token(model: ModelSpec, backend: str, full_finetune: bo
     else:
         width = model.intermediate_size
     if backend == "unsloth" and not full_finetune:
-        mlp = 2 * h + 2 * width if model.gated_mlp else 2 * h + 2 * width
-        return COMPUTE_BYTES * (2 * h + 3 * q + 2 * kv + mlp)
+        return COMPUTE_BYTES * (2 * h + 3 * q + 2 * kv + 2 * h + 2 * width)
     names = set(targets)
 
     def kept(*group: str) -> bool:
