@@ -1,0 +1,78 @@
+"""Adapter hashing, the cross-rank agreement check, the manifest and atomic output."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rayquant.adapters import (MANIFEST, AdapterMismatchError, adapter_sha256, gather, loss_summary,
+                               write_atomically)
+
+
+def _adapter(d, scale=1.0, metadata=None):
+    d.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(4, 8, generator=g) * scale,
+               "base_model.model.layers.0.q_proj.lora_B.weight": torch.randn(8, 4, generator=g) * scale}
+    save_file(tensors, str(d / "adapter_model.safetensors"), metadata=metadata)
+    (d / "adapter_config.json").write_text('{"r": 4}')
+    return d
+
+
+def _rank_dir(root, rank, scale=1.0):
+    d = _adapter(root / "final" / f"rank_{rank}", scale)
+    stats = {"rank": rank, "adapter_sha256": adapter_sha256(d), "losses": [[1, 2.0], [2, 1.5]]}
+    (d / "worker_stats.json").write_text(json.dumps(stats))
+    return d
+
+
+def test_hash_depends_on_weights_not_metadata(tmp_path):
+    a = adapter_sha256(_adapter(tmp_path / "a", metadata={"format": "pt"}))
+    b = adapter_sha256(_adapter(tmp_path / "b", metadata={"format": "pt", "note": "other"}))
+    c = adapter_sha256(_adapter(tmp_path / "c", scale=1.0001))
+    assert a == b != c and len(a) == 64
+
+
+def test_gather_accepts_equal_ranks(tmp_path):
+    for r in range(2):
+        _rank_dir(tmp_path, r)
+    g = gather(tmp_path, 2)
+    assert g.adapter_dir == tmp_path / "final" / "rank_0"
+    assert [s["rank"] for s in g.worker_stats] == [0, 1] and g.sha256 == adapter_sha256(g.adapter_dir)
+
+
+def test_gather_fails_loudly_on_mismatch_or_missing_rank(tmp_path):
+    _rank_dir(tmp_path, 0)
+    _rank_dir(tmp_path, 1, scale=2.0)
+    with pytest.raises(AdapterMismatchError, match="different adapters.*rank 0.*rank 1"):
+        gather(tmp_path, 2)
+    with pytest.raises(AdapterMismatchError, match=r"ranks \[2\] returned no adapter"):
+        gather(tmp_path, 3)
+
+
+def test_write_atomically_replaces_only_when_complete(tmp_path):
+    src = _adapter(tmp_path / "src")
+    dest = tmp_path / "out" / "adapter"
+    write_atomically(src, {"v": 1}, dest)
+    assert json.loads((dest / MANIFEST).read_text()) == {"v": 1}
+    assert adapter_sha256(dest) == adapter_sha256(src)
+    # A failure while writing (here: the source vanished) leaves the previous output untouched.
+    with pytest.raises(FileNotFoundError):
+        write_atomically(tmp_path / "gone", {"v": 2}, dest)
+    assert json.loads((dest / MANIFEST).read_text()) == {"v": 1}
+    write_atomically(src, {"v": 3}, dest)
+    assert json.loads((dest / MANIFEST).read_text()) == {"v": 3}
+    assert sorted(os.listdir(dest.parent)) == ["adapter"]  # no temporary or old copies left
+
+
+def test_loss_summary():
+    curve = [(s, 5.0 - 0.1 * s) for s in range(1, 31)]
+    s = loss_summary(curve)
+    assert s["first"] == pytest.approx(4.9) and s["last"] == pytest.approx(2.0)
+    assert s["last_fifth_mean"] < s["first_fifth_mean"]
+    assert s["curve"][0] == [1, pytest.approx(4.9)] and s["curve"][-1] == [30, pytest.approx(2.0)]
+    assert loss_summary([]) == {"points": 0}
