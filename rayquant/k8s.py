@@ -600,11 +600,13 @@ def manifest_summary(docs: list[dict]) -> dict[str, Any]:
     for g in spec["workerGroupSpecs"]:
         pod = g["template"]["spec"]
         limits = pod["containers"][0]["resources"]["limits"]
+        affinity = pod.get("affinity", {}).get("nodeAffinity", {})
         groups.append({"group": g["groupName"], "replicas": g["replicas"],
-                       "node_type": g["labels"][NODE_TYPE_LABEL], "gpus": int(limits[GPU_RESOURCE]),
+                       "node_type": g["labels"][NODE_TYPE_LABEL],
+                       "gpus": int(limits.get(GPU_RESOURCE, 0)),
                        "cpu": limits["cpu"], "memory": limits["memory"],
-                       "selector": pod.get("nodeSelector") or
-                       pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]})
+                       "selector": pod.get("nodeSelector")
+                       or affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {})})
     return {"kind": kind_doc["kind"], "name": kind_doc["metadata"]["name"],
             "namespace": kind_doc["metadata"]["namespace"], "configmap": docs[0]["metadata"]["name"],
             "entrypoint": kind_doc["spec"].get("entrypoint",

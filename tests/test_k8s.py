@@ -433,6 +433,21 @@ def test_cli_prints_yaml_and_a_json_summary(monkeypatch):
     assert summary["entrypoint"] == "rayquant train /etc/rayquant/train.yaml"
 
 
+def test_cli_summary_of_a_cpu_only_cluster(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = run_cli("--config", "k8s/train.yaml", "--gpus", "2x1xCPU", "--model",
+                     "rayquant/tiny-llama", "--image", "img:1", "--storage", "pvc",
+                     "--dataset-in-pod", "/data/x.jsonl", "--json")
+    assert result.exit_code != 0 and "differs from the plan" in result.output
+    config = tmp_path / "train.yaml"
+    config.write_text("model: rayquant/tiny-llama\ndataset: /data/x.jsonl\nsft: {seq_len: 64}\n")
+    result = run_cli("--config", str(config), "--gpus", "2x1xCPU", "--image", "img:1",
+                     "--storage", "pvc", "--dataset-in-pod", "/data/x.jsonl", "--json")
+    (group,) = json.loads(result.output)["worker_groups"]
+    assert (group["node_type"], group["replicas"], group["gpus"], group["selector"]) == (
+        "CPU-1", 2, 0, {})
+
+
 def test_cli_uses_a_given_plan_and_renders_a_raycluster(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     plan_file = tmp_path / "plan.json"
