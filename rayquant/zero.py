@@ -1,0 +1,139 @@
+"""DeepSpeed ZeRO-3 for the `hf` backend: sharded placement when not even a node's GPUs hold the model.
+
+ZeRO-3 partitions every parameter across the workers and gathers each module's weights just before
+it runs. It flattens parameters into buffers of one dtype, so 4-bit weights must be *stored* in the
+dtype the rest of the model uses: bitsandbytes packs the NF4 bytes into `bnb_4bit_quant_storage`
+tensors (bfloat16 here) which ZeRO can shard like any other bf16 parameter. This is the ZeRO-3 + QLoRA
+recipe of PEFT's docs ("DeepSpeed" -> "Use PEFT QLoRA and DeepSpeed with ZeRO3", which sets
+`bnb_4bit_quant_storage=torch.bfloat16` and `torch_dtype=torch.bfloat16`) and of
+`transformers.integrations.deepspeed` (HfDeepSpeedConfig fills the "auto" values from
+TrainingArguments).
+
+Unsloth does not support DeepSpeed, so ZeRO-3 plans use the `hf` backend (transformers + PEFT +
+bitsandbytes). Everything here is plain data; deepspeed itself is imported by transformers' Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Mapping
+
+from planner.plan import NodePlan, PlanError, TrainingPlan
+
+# Quantizations ZeRO-3 can shard: 16-bit weights, and NF4 packed into 16-bit storage. FP8 weights
+# (float8 tensors with per-row scales) have no ZeRO-3 path in DeepSpeed 0.19.
+ZERO3_QUANTIZATIONS = ("bf16", "fp16", "nf4", "dynamic-4bit")
+# DeepSpeed's own optimizers do not include bitsandbytes' 8-bit AdamW; ZeRO accepts a client
+# optimizer only with `zero_allow_untested_optimizer` (deepspeed/runtime/engine.py).
+_BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+
+
+def zero3_problems(plan: TrainingPlan) -> list[str]:
+    """What keeps this plan's ZeRO-3 node plans from running as one ZeRO-3 group (empty: fine)."""
+    zero = [p for p in plan.node_plans if p.placement == "zero3"]
+    if not zero:
+        return []
+    problems = []
+    if len(zero) != len(plan.node_plans):
+        problems.append("ZeRO-3 shards parameters across every worker, so every node type of the plan "
+                        "must use placement zero3 (mixed with per-gpu/node-spanning here)")
+    for p in zero:
+        if p.backend != "hf":
+            problems.append(f"{p.node_type}: ZeRO-3 needs backend 'hf' (Unsloth does not run under "
+                            f"DeepSpeed), plan says {p.backend!r}")
+        if p.quantization not in ZERO3_QUANTIZATIONS:
+            problems.append(f"{p.node_type}: quantization {p.quantization!r} cannot be sharded by "
+                            f"ZeRO-3; use one of {', '.join(ZERO3_QUANTIZATIONS)}")
+    # Every rank gathers the same modules in the same order and DeepSpeed averages gradients over
+    # ranks, so the ranks must take the same micro-batches and accumulation (no token weighting).
+    shapes = {(p.micro_batch_size, p.gradient_accumulation_steps, p.compute_dtype) for p in zero}
+    if len(shapes) > 1:
+        problems.append("ZeRO-3 node types must share micro-batch, accumulation and compute dtype, got "
+                        + ", ".join(f"{p.node_type}: {p.micro_batch_size}x{p.gradient_accumulation_steps}"
+                                    f" {p.compute_dtype}" for p in zero))
+    return problems
+
+
+def check_zero3_plan(plan: TrainingPlan) -> None:
+    problems = zero3_problems(plan)
+    if problems:
+        raise PlanError("this ZeRO-3 plan cannot run:\n  - " + "\n  - ".join(problems)
+                        + "\nTo fix: re-plan with `rayquant plan --backend hf`.")
+
+
+def quant_storage_dtype(node_plan: NodePlan) -> str:
+    """The dtype 4-bit weights are packed into: the model's dtype, so ZeRO flattens one dtype."""
+    return node_plan.compute_dtype
+
+
+def bnb_config_kwargs(node_plan: NodePlan) -> dict[str, Any] | None:
+    """Keyword arguments for `transformers.BitsAndBytesConfig` under ZeRO-3 (None: 16-bit weights)."""
+    if node_plan.quantization not in ("nf4", "dynamic-4bit"):
+        return None
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": node_plan.double_quant,
+        "bnb_4bit_compute_dtype": node_plan.compute_dtype,
+        "bnb_4bit_quant_storage": quant_storage_dtype(node_plan),
+    }
+
+
+def zero3_config(node_plan: NodePlan, offload_optimizer: bool = False,
+                 offload_params: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config (for `TrainingArguments(deepspeed=...)`) of a zero3 node plan.
+
+    Batch sizes, accumulation and clipping are "auto": transformers' HfTrainerDeepSpeedConfig fills
+    them from TrainingArguments, which the worker builds from the same node plan, so they cannot
+    disagree. `offload_optimizer` / `offload_params` move the shards to host RAM (ZeRO-Infinity's
+    CPU offload) when the planner's host-memory budget allows.
+    """
+    if node_plan.placement != "zero3":
+        raise PlanError(f"{node_plan.node_type} has placement {node_plan.placement!r}, not zero3; "
+                        f"DeepSpeed is only used for sharded placement")
+    zero: dict[str, Any] = {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        # Saving gathers the 16-bit weights on rank 0; PEFT saves only the adapter, which is small.
+        "stage3_gather_16bit_weights_on_model_save": True,
+    }
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config: dict[str, Any] = {
+        "zero_optimization": zero,
+        "bf16": {"enabled": node_plan.compute_dtype == "bfloat16"},
+        "fp16": {"enabled": node_plan.compute_dtype == "float16"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 10**9,  # the worker reports progress through Ray; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if node_plan.optimizer in _BNB_OPTIMIZERS:
+        config["zero_allow_untested_optimizer"] = True
+    return config
+
+
+def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Write JSON so a crash leaves either the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
