@@ -110,6 +110,7 @@ def build_manifest(plan_dict: Mapping[str, Any], gathered: GatheredAdapters, ext
             "peak_memory_bytes": {"measured": s["peak_memory_bytes"], "source": s["peak_memory_source"],
                                   "predicted": s["predicted_peak_memory_bytes"]},
             "tokens_per_s": {"measured": s["tokens_per_s"], "predicted": s["predicted_tokens_per_s"]},
+            "train_s": s["train_s"],
             "trainable_parameters": s["load"]["trainable_parameters"],
             "adapter_sha256": s["adapter_sha256"],
         })

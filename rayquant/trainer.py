@@ -27,6 +27,7 @@ from rayquant.config import ConfigError, LoraOptions, RunOptions, ScalingOptions
 TINY_MODEL_PREFIX = "rayquant/tiny-"
 TINY_VOCAB_SIZE = 256  # rayquant.tiny.train_tokenizer's vocab_size
 DEFAULT_CPU_WORKERS = 2
+REPORT_POLL_INTERVAL_S = "0.2"
 # Environment the workers need to stay offline and quiet; forwarded when set on the driver.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME",
                   "TOKENIZERS_PARALLELISM", "UNSLOTH_DISABLE_CPU_FALLBACK", "RAYQUANT_CACHE")
@@ -67,6 +68,20 @@ def _model_config_path(model: str) -> str:
     tmp.mkdir()
     (tmp / "config.json").write_text(json.dumps(cfg))
     return str(tmp)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to Ray at `address` (None: RAY_ADDRESS, else start a local cluster), unless connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray Train's controller polls each worker's one-slot result queue every
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and ray.train.report blocks until then:
+    # with a report per logging step, that interval would pace training (measured: 2 s/step).
+    interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    ray.init(address=address, logging_level="WARNING",
+             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval}})
 
 
 @dataclass(frozen=True)
@@ -245,8 +260,7 @@ class RayQuantTrainer:
         from rayquant.progress import ProgressPrinter
 
         resolve_model(self.model)  # build tiny models once here, not in every worker at the same time
-        if not ray.is_initialized():
-            ray.init(address=self._ray_address(), logging_level="WARNING")
+        init_ray(self._ray_address())
         scaling_kwargs = self._scaling_kwargs(plan)
         fail_at = int(os.environ.get("RAYQUANT_FAIL_AT_STEP", "0") or 0)
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}

@@ -243,17 +243,38 @@ def _sft_args(config: dict, node_plan: NodePlan, out_dir: str, fmt: str):
     )
 
 
+def make_sft_trainer(model, tokenizer, train_dataset, node_plan: NodePlan, config: dict, out_dir: str,
+                     callbacks=()):
+    """TRL's SFTTrainer over this rank's shard with the plan's settings and optimizer; returns
+    (trainer, name of the optimizer class that runs). Also what the benchmark's direct run uses."""
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, optimizer_used = build_optimizer(node_plan.optimizer, params, config["sft"]["learning_rate"],
+                                                config["sft"]["weight_decay"])
+    trainer = sharded_trainer_class(SFTTrainer)(
+        model=model, processing_class=tokenizer, train_dataset=train_dataset,
+        args=_sft_args(config, node_plan, out_dir, config["format"]),
+        optimizers=(optimizer, None), callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # the driver prints progress lines instead
+    return trainer, optimizer_used
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (TorchTrainer's train_loop_per_worker)."""
+    import logging
+
     for key, value in config.get("env", {}).items():
         os.environ.setdefault(key, value)
+    # Ray Train logs every report (the whole metrics dict) at INFO; the driver prints progress.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     plan = TrainingPlan.from_dict(config["plan"])
     if plan.node_plans[0].backend == "unsloth":
         import unsloth  # noqa: F401  (must patch transformers/TRL before they are imported)
     import ray
     import ray.train
     import torch
-    from trl import SFTTrainer
 
     from rayquant.adapters import adapter_sha256
     from rayquant.data import shard_indices
@@ -281,19 +302,10 @@ def train_loop_per_worker(config: dict) -> None:
     per_rank = [plan.for_rank(r)[1].samples_per_step for r in range(world)]
     shard = data.select(shard_indices(len(data), per_rank, rank))
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, optimizer_used = build_optimizer(node_plan.optimizer, params, config["sft"]["learning_rate"],
-                                                config["sft"]["weight_decay"])
     report, callbacks = _callbacks(config, rank, config["total_steps"], node_plan)
     work = tempfile.mkdtemp(prefix=f"rayquant-rank{rank}-")
-    trainer = sharded_trainer_class(SFTTrainer)(
-        model=model, processing_class=tokenizer, train_dataset=shard,
-        args=_sft_args(config, node_plan, os.path.join(work, "hf"), config["format"]),
-        optimizers=(optimizer, None), callbacks=callbacks)
-
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # the driver prints progress lines instead
+    trainer, optimizer_used = make_sft_trainer(model, tokenizer, shard, node_plan, config,
+                                               os.path.join(work, "hf"), callbacks)
     checkpoint = ray.train.get_checkpoint()
     resumed_from = None
     t0 = time.perf_counter()
