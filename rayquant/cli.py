@@ -648,3 +648,69 @@ def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, 
     if image.startswith(("rayproject/ray:", "docker.io/rayproject/ray:")) and not pip_packages:
         click.echo(f"note: {image} has no rayquant installed; add --pip 'rayquant[train]' or build "
                    "an image (docs/kubernetes.md)", err=True)
+
+
+# -- cluster: inventory --------------------------------------------------------------------------
+@main.command("inventory")
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster to read (e.g. ray://head:10001 or head:6379); default: RAY_ADDRESS, "
+                   "else a local Ray instance. Token-auth clusters need RAY_AUTH_MODE=token and "
+                   "RAY_AUTH_TOKEN (or ~/.ray/auth_token).")
+@click.option("--local", "local_only", is_flag=True,
+              help="Read this machine through NVML only; start no Ray.")
+@click.option("--cpu-nodes/--no-cpu-nodes", "cpu_nodes", default=None,
+              help="Count CPU-only nodes as CPU node types (default: only when no node has a GPU).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON; its `nodes` rows are an inventory file for `rayquant plan --inventory`.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Also write the inventory (JSON, or YAML for .yaml/.yml) for planning offline.")
+def inventory_command(address: str | None, local_only: bool, cpu_nodes: bool | None, as_json: bool,
+                      output: str | None) -> None:
+    """Show the cluster's node types: GPUs read on every node through NVML, grouped by hardware."""
+    import json
+
+    from planner.plan import PlanError
+    from rayquant import inventory
+
+    if local_only and address:
+        _planner_error(PlanError("--local reads this machine only; drop --address, or drop --local"))
+    try:
+        if local_only:
+            probes = [inventory.probe_local()]
+            types = inventory.local_node_types()
+            source = "local NVML"
+        else:
+            probes = inventory.probe_cluster(address)
+            types = inventory.node_types_from_probes(probes, cpu_nodes)
+            source = f"Ray cluster {address or 'at RAY_ADDRESS or local'}"
+        notes = inventory.probe_notes(probes)
+    except PlanError as e:
+        _planner_error(e)
+    if not types:
+        _planner_error(PlanError("no node can host a training worker (no GPUs, and CPU-only nodes are "
+                                 "left out). To fix: add GPU nodes, or pass --cpu-nodes"))
+    rows = inventory.node_types_to_dicts(types)
+    data = {"source": source, "nodes": rows, "notes": notes,
+            "drivers": sorted({p.driver_version for p in probes if p.driver_version})}
+    if output:
+        if output.endswith((".yaml", ".yml")):
+            import yaml
+
+            _write_atomic(output, yaml.safe_dump({"nodes": rows}, sort_keys=False))
+        else:
+            _write_atomic(output, json.dumps({"nodes": rows}, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = [[f"{r['gpu']}:{r['gpus_per_node']}", str(r["count"]), str(r["gpus_per_node"]),
+              f"{nt.gpu.memory_gib:.1f}", nt.gpu.compute_capability_str if not nt.gpu.is_cpu else "-",
+              f"{r['host_memory_gib']:.0f}", str(r["cpus"] or "?")] for r, nt in zip(rows, types)]
+    click.echo(f"Inventory of {source}: {sum(nt.count for nt in types)} node(s), "
+               f"{sum(nt.num_gpus for nt in types if not nt.gpu.is_cpu)} GPU(s)")
+    click.echo(_catalog_table(["node type", "nodes", "GPUs/node", "GPU GiB", "cc", "host GiB", "CPUs"],
+                              table, right={1, 2, 3, 5, 6}))
+    for line in notes:
+        click.echo(f"note: {line}")
+    if output:
+        click.echo(f"wrote {output}; plan with: rayquant plan --model M --inventory {output}")
+

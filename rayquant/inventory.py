@@ -309,13 +309,16 @@ def discover_node_types(address: str | None = None, include_cpu_nodes: bool | No
     return node_types_from_probes(probe_cluster(address), include_cpu_nodes)
 
 
+def probe_local() -> NodeProbe:
+    """This machine, read through NVML alone (no Ray)."""
+    return _probe_from_report("local", probe_this_machine(), {}, None, None)
+
+
 def local_node_types():
     """This machine as one node type, from NVML alone (the CPU pseudo-device without a GPU)."""
     import dataclasses
 
-    report = probe_this_machine()
-    types = node_types_from_probes([_probe_from_report("local", report, {}, None, None)],
-                                   include_cpu_nodes=True)
+    types = node_types_from_probes([probe_local()], include_cpu_nodes=True)
     # Not a Ray node: no node id that placement could pin to.
     return tuple(dataclasses.replace(nt, node_ids=()) for nt in types)
 
