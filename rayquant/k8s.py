@@ -53,11 +53,11 @@ CONFIGMAP_LIMIT_BYTES = 1024 * 1024  # Kubernetes rejects ConfigMaps over 1 MiB 
 DATASET_EMBED_LIMIT_BYTES = 512 * 1024
 
 # --- pod sizing terms ------------------------------------------------------------------------
-# CPUs: Ray Train reserves 1 CPU per worker (ScalingConfig resources_per_worker default {"CPU": 1});
-# one more per worker for tokenization and batch collation in the same process tree; one per pod
-# for the raylet, dashboard agent and log monitor. Kept small so 1-GPU cloud nodes (4 vCPUs, e.g.
-# g5.xlarge) still fit after kubelet reservations.
-CPUS_PER_WORKER = 2
+# CPUs: what Ray Train reserves per worker (the config's scaling.cpus_per_worker, default 1, which
+# rayquant.placement puts into resources_per_worker) plus one per worker for tokenization and batch
+# collation in the same process tree, plus one per pod for the raylet, dashboard agent and log
+# monitor. Kept small so 1-GPU cloud nodes (4 vCPUs, e.g. g5.xlarge) fit after kubelet reservations.
+DATA_CPUS_PER_WORKER = 1
 RAY_SYSTEM_CPUS = 1
 # Host memory per worker process: the CUDA context's host side plus torch, transformers, TRL and
 # Unsloth imported (~3 GiB RSS measured for such a process), the tokenized dataset shard and
@@ -143,8 +143,9 @@ class PodSize:
         return math.ceil(self.memory_bytes / GIB)
 
 
-def worker_pod_size(node: NodePlan) -> PodSize:
-    """CPUs and host memory of one worker pod (one Kubernetes node of this node type)."""
+def worker_pod_size(node: NodePlan, cpus_per_worker: int = 1) -> PodSize:
+    """CPUs and host memory of one worker pod (one Kubernetes node of this node type);
+    `cpus_per_worker` is what Ray Train reserves per worker (scaling.cpus_per_worker)."""
     workers = node.workers_per_node
     terms = {
         "ray_system": RAY_SYSTEM_BYTES,
@@ -153,7 +154,7 @@ def worker_pod_size(node: NodePlan) -> PodSize:
         # The planner's host RAM per worker: offloaded activations, paged optimizer states.
         "plan_host_memory": workers * node.host_memory_bytes,
     }
-    return PodSize(cpus=workers * CPUS_PER_WORKER + RAY_SYSTEM_CPUS,
+    return PodSize(cpus=workers * (cpus_per_worker + DATA_CPUS_PER_WORKER) + RAY_SYSTEM_CPUS,
                    memory_bytes=sum(terms.values()),
                    gpus=0 if node.gpu == CPU_DEVICE else node.gpus_per_node, terms_bytes=terms)
 
@@ -461,8 +462,8 @@ def _pod_template(role: str, options: K8sOptions, size: PodSize, env: list[dict]
     return {"metadata": {"labels": labels}, "spec": spec}
 
 
-def _worker_group(node: NodePlan, options: K8sOptions, env: list[dict], volumes: list[dict],
-                  mounts: list[dict]) -> dict:
+def _worker_group(node: NodePlan, options: K8sOptions, cpus_per_worker: int, env: list[dict],
+                  volumes: list[dict], mounts: list[dict]) -> dict:
     if node.gpu == CPU_DEVICE:
         values: tuple[str, ...] = ()
     else:
@@ -478,8 +479,8 @@ def _worker_group(node: NodePlan, options: K8sOptions, env: list[dict], volumes:
         # rayStartParams['labels'] in favour of this field (utils/validation.go).
         "labels": {NODE_TYPE_LABEL: node_type_label_value(node.node_type)},
         "rayStartParams": {},
-        "template": _pod_template("worker", options, worker_pod_size(node), env, volumes, mounts,
-                                  node, values),
+        "template": _pod_template("worker", options, worker_pod_size(node, cpus_per_worker), env,
+                                  volumes, mounts, node, values),
     }
 
 
@@ -492,6 +493,9 @@ def render_manifests(plan: TrainingPlan, train_config: Mapping[str, Any], option
     if not plan.node_plans:
         raise K8sError("the plan has no node types; nothing to run")
     check_no_inline_token(train_config)
+    cpus = (train_config.get("scaling") or {}).get("cpus_per_worker", 1)
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise K8sError(f"scaling.cpus_per_worker must be an integer >= 1, got {cpus!r}")
     storage = Storage.parse(options.storage)
     dataset_path, data, binary = _embedded_dataset(train_config, config_dir, options.dataset_in_pod)
     config_name = f"{options.name}-config"
@@ -534,7 +538,7 @@ def render_manifests(plan: TrainingPlan, train_config: Mapping[str, Any], option
                     # to every pod and to the job submitter.
                     "authOptions": {"mode": "token"},
                     "headGroupSpec": head,
-                    "workerGroupSpecs": [_worker_group(n, options, env, volumes, mounts)
+                    "workerGroupSpecs": [_worker_group(n, options, cpus, env, volumes, mounts)
                                          for n in plan.node_plans]}
     metadata = {"name": options.name, "namespace": options.namespace, "labels": dict(common_labels),
                 "annotations": {"rayquant.io/plan-sha256": hashlib.sha256(plan_json.encode()).hexdigest(),

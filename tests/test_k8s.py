@@ -231,6 +231,17 @@ def test_host_memory_for_offloaded_activations_raises_the_memory_request():
             == 20 * GIB)
 
 
+def test_cpus_follow_the_configs_cpus_per_worker():
+    def cpus(config):
+        return [int(container(g)["resources"]["limits"]["cpu"]) for g in groups(render(MIXED, config))]
+
+    more = cpus({**CONFIG, "scaling": {"cpus_per_worker": 4}})
+    base = cpus(CONFIG)
+    # 8 workers on an H100 node, 1 on an A10G node: 3 more CPUs each.
+    assert [m - b for m, b in zip(more, base)] == [8 * 3, 1 * 3]
+    assert base[1] <= 4  # a 1-GPU node of 4 vCPUs still fits the default
+
+
 def test_cloud_gpu_label_gke_selects_every_label_value_of_the_gpu():
     (group,) = groups(render(H100, gpu_label="cloud.google.com/gke-accelerator"))
     spec = group["template"]["spec"]
