@@ -183,7 +183,8 @@ def node_types_from_probes(probes: Sequence[NodeProbe], include_cpu_nodes: bool 
     """Group probed nodes into node types (same GPU and GPU count); keeps node ids in order.
 
     `include_cpu_nodes`: None includes CPU-only nodes only when no node has a GPU (a GPU cluster's
-    CPU head should not get training workers); True or False forces it. Nodes with no CPU for Ray
+    CPU head should not get training workers); True or False forces it. A CPU-only node becomes the
+    CPU pseudo-device with its host RAM and one worker slot per CPU (`CPU:<cpus>`). Nodes with no CPU for Ray
     (a KubeRay head started with num-cpus 0) are left out: they cannot host a worker.
     """
     from planner import hardware
@@ -201,8 +202,10 @@ def node_types_from_probes(probes: Sequence[NodeProbe], include_cpu_nodes: bool 
             spec, _ = _gpu_spec(probe.gpu_names[idx], probe.gpu_memory_bytes[idx])
             key = f"{spec.name}:{probe.gpu_count}"
         elif include_cpu_nodes:
+            # The CPU pseudo-device offers one worker slot per CPU Ray gives the node (the trainer's
+            # convention for a local CPU machine too), so CPU nodes differ by their CPU count.
             spec = hardware.cpu_device(probe.host_memory_bytes)
-            key = f"{spec.name}:1"
+            key = f"{spec.name}:{probe.cpus}"
         else:
             continue
         groups.setdefault(key, []).append((probe, spec))
@@ -215,7 +218,7 @@ def node_types_from_probes(probes: Sequence[NodeProbe], include_cpu_nodes: bool 
         if not probes_in[0].gpu_count:
             spec = hardware.cpu_device(host_memory)
         node_types.append(hardware.NodeType(
-            gpu=spec, gpus_per_node=max(probes_in[0].gpu_count, 1), count=len(probes_in),
+            gpu=spec, gpus_per_node=probes_in[0].gpu_count or probes_in[0].cpus, count=len(probes_in),
             host_memory_bytes=host_memory, cpus_per_node=min(p.cpus for p in probes_in),
             node_ids=tuple(p.node_id for p in probes_in)))
     return tuple(node_types)

@@ -65,13 +65,15 @@ def test_cpu_only_nodes_are_left_out_of_a_gpu_cluster_unless_asked():
     probes = [cpu_probe("head"), nvml_probe("a1", "NVIDIA A10G", 1, 22.5)]
     assert [nt.key for nt in node_types_from_probes(probes)] == ["A10G:1"]
     both = {nt.key: nt for nt in node_types_from_probes(probes, include_cpu_nodes=True)}
-    assert set(both) == {"A10G:1", "CPU:1"}
-    assert both["CPU:1"].gpu.is_cpu and both["CPU:1"].gpu.memory_bytes == 16 * GIB
+    assert set(both) == {"A10G:1", "CPU:4"}  # one worker slot per CPU
+    assert both["CPU:4"].gpu.is_cpu and both["CPU:4"].gpu.memory_bytes == 16 * GIB
 
 
 def test_a_cpu_only_cluster_becomes_the_cpu_pseudo_device_with_its_memory():
     (nt,) = node_types_from_probes([cpu_probe("n1", host_gib=16), cpu_probe("n2", host_gib=12)])
-    assert nt.key == "CPU:1" and nt.count == 2 and nt.gpu.memory_bytes == 12 * GIB
+    assert nt.key == "CPU:4" and nt.count == 2 and nt.gpu.memory_bytes == 12 * GIB
+    two = {nt.key for nt in node_types_from_probes([cpu_probe("n1", cpus=1), cpu_probe("n2", cpus=2)])}
+    assert two == {"CPU:1", "CPU:2"}
 
 
 def test_nodes_without_cpus_for_ray_cannot_host_workers():
@@ -126,6 +128,7 @@ def test_without_nvml_a_node_is_described_from_ray_resources():
 def test_this_machine_without_a_gpu_is_one_cpu_node_with_no_ray_node_id():
     (nt,) = local_node_types()
     assert nt.gpu.is_cpu and nt.count == 1 and nt.node_ids == ()
+    assert nt.gpus_per_node == nt.cpus_per_node  # one worker slot per CPU
     assert nt.host_memory_bytes > 0 and nt.cpus_per_node >= 1
 
 
