@@ -68,6 +68,16 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, addre
         result = trainer.fit()
     except (ConfigError, DatasetError, PlanError) as e:
         _planner_error(e)
+    except Exception as e:
+        import ray.exceptions
+        from ray.train import TrainingFailedError
+
+        if not isinstance(e, (TrainingFailedError, ray.exceptions.RayError)):
+            raise
+        click.echo(f"Error: training failed: {type(e).__name__}: {e}\nThe last checkpoint is kept in "
+                   f"run.storage_path; re-running the same command with the same run.name resumes it.",
+                   err=True)
+        raise SystemExit(1)
     if as_json:
         click.echo(json.dumps({"adapter_dir": str(result.adapter_dir), "run_dir": str(result.run_dir),
                                "manifest": result.manifest}, indent=2, default=str))

@@ -250,6 +250,10 @@ class RayQuantTrainer:
         name = self._run_name()
         storage = Path(run.storage_path).expanduser().resolve()
         run_dir = storage / name
+        if (run_dir / "adapter" / "manifest.json").exists() and not run.output_dir:
+            # A finished run of that name: Ray Train would restore it; start a new one beside it.
+            name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir = storage / name
         dest = Path(run.output_dir).expanduser() if run.output_dir else run_dir / "adapter"
 
         import ray
