@@ -74,9 +74,9 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, addre
 
         if not isinstance(e, (TrainingFailedError, ray.exceptions.RayError)):
             raise
-        click.echo(f"Error: training failed: {type(e).__name__}: {e}\nThe last checkpoint is kept in "
-                   f"run.storage_path; re-running the same command with the same run.name resumes it.",
-                   err=True)
+        click.echo(f"Error: training failed: {type(e).__name__}: {e}\nThe run's checkpoints are kept "
+                   f"under run.storage_path ({cfg.run.storage_path}); worker logs are in Ray's session "
+                   f"logs (/tmp/ray/session_latest/logs on the head node).", err=True)
         raise SystemExit(1)
     if as_json:
         click.echo(json.dumps({"adapter_dir": str(result.adapter_dir), "run_dir": str(result.run_dir),
