@@ -80,7 +80,9 @@ def init_ray(address: str | None = None) -> None:
     # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and ray.train.report blocks until then:
     # with a report per logging step, that interval would pace training (measured: 2 s/step).
     interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
-    ray.init(address=address, logging_level="WARNING",
+    # "local": a new cluster, never a `ray start` cluster that happens to run on this machine
+    # (to use one, pass its address or "auto").
+    ray.init(address=address or "local", logging_level="WARNING",
              runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval}})
 
 
