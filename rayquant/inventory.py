@@ -297,8 +297,8 @@ def probe_cluster(address: str | None = None, timeout_s: float = PROBE_TIMEOUT_S
                     report = ray.get(ref)
                 except ray.exceptions.RayError as e:  # rayquant missing on that node, say
                     fallback["nvml"] = {"error": f"the probe task failed: {type(e).__name__}"}
-            # Ray's own CPU count is what workers can reserve; prefer it to the machine's.
-            report = dict(report, cpus=int(resources.get("CPU", report["cpus"])))
+            # Ray's CPU count is what workers can reserve (absent: `--num-cpus 0`, none at all).
+            report = dict(report, cpus=int(resources.get("CPU", 0)))
             probes.append(_probe_from_report(n["NodeID"], report, labels,
                                              int(resources.get("GPU", 0)), ray_type))
         return probes
