@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from planner.plan import JobSpec, PlanError, TrainingPlan
+from planner.plan import JobSpec, TrainingPlan
 from rayquant.config import ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, coerce_options
 
 TINY_MODEL_PREFIX = "rayquant/tiny-"
@@ -198,10 +198,8 @@ class RayQuantTrainer:
 
             spec = load_model_spec(_model_config_path(self.model))
             node_types = self.node_types()
-            try:
-                from planner.search import make_plan
-            except ImportError:
-                make_plan = _fallback_cpu_plan
+            from planner.search import make_plan
+
             plan = make_plan(spec, node_types, self.job_spec())
             import dataclasses
 
@@ -333,23 +331,3 @@ def _train_loop(config: dict) -> None:
     config = dict(config, model_path=resolve_model(config["model"]))
     train_loop_per_worker(config)
 
-
-def _fallback_cpu_plan(spec, node_types, job: JobSpec) -> TrainingPlan:
-    """Used only while planner.search is absent: a CPU-only plan with the job's pins honoured."""
-    from planner.plan import MemoryBreakdown, NodePlan, WorkerAssignment
-
-    (nt,) = node_types
-    if nt.gpu.name != "CPU":
-        raise PlanError("planner.search is not installed; only a CPU-only local cluster can be planned")
-    workers = nt.gpus_per_node
-    per_worker = max(1, job.global_batch_size // workers)
-    micro = min(job.micro_batch_size or 2, per_worker)
-    node = NodePlan(
-        node_type=nt.key, gpu="CPU", nodes=1, gpus_per_node=workers, quantization=job.quantization or "nf4",
-        compute_dtype="bfloat16", micro_batch_size=micro, gradient_accumulation_steps=max(1, per_worker // micro),
-        optimizer=job.optimizer or "adamw_8bit", gradient_checkpointing=job.gradient_checkpointing or "unsloth",
-        placement="per-gpu", backend=job.backend, workers_per_node=workers, gpus_per_worker=1,
-        peak_memory_bytes=0, memory_budget_bytes=nt.gpu.memory_bytes, breakdown=MemoryBreakdown(0, 0, 0, 0, 0, 0, 0),
-        tokens_per_second=1.0, reasons={"all": "fallback CPU plan (planner.search missing)"})
-    return TrainingPlan(model=spec.name, model_summary={"name": spec.name}, job=job, node_plans=(node,),
-                        workers=tuple(WorkerAssignment(r, nt.key, 0, r) for r in range(workers)))
