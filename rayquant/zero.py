@@ -69,7 +69,11 @@ def quant_storage_dtype(node_plan: NodePlan) -> str:
 
 
 def bnb_config_kwargs(node_plan: NodePlan) -> dict[str, Any] | None:
-    """Keyword arguments for `transformers.BitsAndBytesConfig` under ZeRO-3 (None: 16-bit weights)."""
+    """Keyword arguments for `transformers.BitsAndBytesConfig` under ZeRO-3 (None: 16-bit weights).
+
+    Dtypes are names ("bfloat16"), which BitsAndBytesConfig accepts as they are; load the model with
+    the same `dtype` and no device_map (DeepSpeed places the shards).
+    """
     if node_plan.quantization not in ("nf4", "dynamic-4bit"):
         return None
     return {

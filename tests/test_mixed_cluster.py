@@ -22,8 +22,8 @@ MAX_STEPS = 6
 # How far the DDP adapter may be from the reference, relative to how far training moved it (the
 # norm of LoRA B, which starts at zero). The two runs see the same rows per step but pad them into
 # different micro-batches (2 + 3 vs 1 x 5) and sum bf16 products in another order, which 8-bit AdamW
-# then rounds into its states; measured 0.8% here, so 5% leaves room without hiding a wrong scheme
-# (rows or token weights off by one micro-batch change the update by far more).
+# then rounds into its states; measured 0.8% here, so 5% leaves room for other CPUs and thread counts
+#.
 TOLERANCE = 0.05
 
 
@@ -168,3 +168,80 @@ def test_a_node_gone_since_planning_refuses_to_start(cluster, mixed, reference):
     assert "plan needs 1 node of CPU:2, cluster has 0" in msg
     assert "re-plan with `rayquant plan` or add nodes" in msg
     assert isinstance(err.value, PlanError)
+
+
+# -- node-spanning: the planner's layer map in a real load -------------------------------------
+def _spanning_map(model_dir, gpus: int = 2):
+    """The planner's layer map for the tiny model over `gpus` equal budgets too small for one GPU."""
+    from planner.hardware import lookup_gpu
+    from planner.layermap import bytes_per_gpu, layer_device_map
+    from planner.memory import estimate_memory
+    from planner.model import load_model_spec
+
+    spec = load_model_spec(str(model_dir))
+    est = estimate_memory(spec, lookup_gpu("24GiB"), quantization="nf4", backend="hf", seq_len=64,
+                          lora_rank=8, gradient_checkpointing="hf", optimizer="adamw_torch")
+    modules = sum(est.module_bytes.values())
+    budget = int(modules * 0.75)  # no single GPU holds every module; two do
+    device_map = layer_device_map(spec, est.module_bytes, [budget] * gpus)
+    return spec, est, device_map, bytes_per_gpu(device_map, est.module_bytes, gpus), budget
+
+
+def _local_devices() -> list:
+    """The devices this machine has: its GPUs, else the CPU (a map index names one of them)."""
+    import torch
+
+    return list(range(torch.cuda.device_count())) or ["cpu"]
+
+
+def test_layer_map_splits_the_model_embeddings_first_head_last(tiny_llama_dir):
+    spec, _, device_map, per_gpu, budget = _spanning_map(tiny_llama_dir)
+    assert device_map["model.embed_tokens"] == 0 and device_map["lm_head"] == 1
+    layers = [device_map[f"model.layers.{i}"] for i in range(spec.num_layers)]
+    assert layers == sorted(layers) and set(layers) <= {0, 1}  # contiguous runs
+    assert all(b <= budget for b in per_gpu) and all(b > 0 for b in per_gpu)
+
+
+def test_layer_map_is_what_a_real_load_places(tiny_llama_dir):
+    """Load the tiny model in 4-bit through the hf backend's loader with the planner's dict map (indices
+    turned into this machine's devices) and check every module sits where the map says."""
+    import dataclasses
+
+    from rayquant.loading import load_for_training
+
+    _, _, device_map, _, _ = _spanning_map(tiny_llama_dir)
+    devices = _local_devices()
+    placed = {module: devices[g % len(devices)] for module, g in device_map.items()}
+    plan = dataclasses.replace(MIXED.node_plans[0], placement="node-spanning", backend="hf",
+                               gradient_checkpointing="hf", optimizer="adamw_torch", gpus_per_worker=2,
+                               gpus_per_node=2, device_map=device_map)
+    model, _, info = load_for_training(str(tiny_llama_dir), plan, dataclasses.replace(JOB, backend="hf"),
+                                       device_map=placed)
+    base = model.get_base_model()
+    for module, device in placed.items():
+        tensors = list(base.get_submodule(module).parameters()) + list(base.get_submodule(module).buffers())
+        want = "cpu" if device == "cpu" else f"cuda:{device}"
+        assert tensors and all(str(t.device) == want for t in tensors), module
+    assert type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen_dir"])
+def test_layer_map_covers_every_tensor_of_the_real_architecture(fixture, request):
+    """transformers 5 does not refuse a dict map that leaves a module out (it loads that module
+    wherever its default puts it), so the planner's map itself must name a home for every tensor."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = request.getfixturevalue(fixture)
+    _, _, device_map, _, _ = _spanning_map(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+
+    def home(name: str):
+        parts = name.split(".")
+        return next((".".join(parts[:k]) for k in range(len(parts), 0, -1)
+                     if ".".join(parts[:k]) in device_map), None)
+
+    assert [n for n in names if home(n) is None] == []
+    assert all(model.get_submodule(m) is not None for m in device_map)

@@ -104,14 +104,12 @@ _RUN = textwrap.dedent("""
                     backend="hf", workers_per_node=1, gpus_per_worker=1, peak_memory_bytes=1,
                     memory_budget_bytes=2, breakdown=MemoryBreakdown(1, 0, 0, 0, 0, 0, 0),
                     tokens_per_second=1.0, reasons={})
-    bnb = {k: getattr(torch, v) if k.endswith(("_dtype", "_storage")) else v
-           for k, v in bnb_config_kwargs(plan).items()}
     args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=plan.micro_batch_size,
                              gradient_accumulation_steps=plan.gradient_accumulation_steps, max_steps=4,
                              learning_rate=1e-2, bf16=True, use_cpu=True, deepspeed=zero3_config(plan),
                              report_to=[], logging_steps=1, save_strategy="no", seed=0)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**bnb),
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**bnb_config_kwargs(plan)),
                                                  dtype=torch.bfloat16)
     q = model.model.layers[0].self_attn.q_proj.weight
     report = {"base_class": type(q).__name__, "base_dtype": str(q.dtype), "base_numel": q.numel()}
