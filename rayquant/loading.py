@@ -46,15 +46,24 @@ def load_for_training(model_path: str, node_plan: NodePlan, job: JobSpec, *,
     """
     if not isinstance(device_map, Mapping):
         raise TypeError(f"device_map must be a dict (module -> device), got {device_map!r}")
+    # dynamic-4bit: the modules kept 16-bit within the plan's budget, chosen by measured NF4 error
+    # (rayquant/dynamic4bit.py); their list and cost go into `info` and so into the manifest.
+    from rayquant.dynamic4bit import protection_for_plan
+
+    protection = protection_for_plan(model_path, node_plan)
+    quant_info: dict[str, Any] = {}
     if node_plan.backend == "unsloth":
-        model, tokenizer = _load_unsloth(model_path, node_plan, job, dict(device_map), seed)
+        model, tokenizer = _load_unsloth(model_path, node_plan, job, dict(device_map), seed,
+                                         protection, quant_info)
     else:
-        model, tokenizer = _load_hf(model_path, node_plan, job, dict(device_map), seed)
+        model, tokenizer = _load_hf(model_path, node_plan, job, dict(device_map), seed,
+                                    protection, quant_info)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     info = {"backend": node_plan.backend, "quantization_planned": node_plan.quantization,
             "compute_dtype": node_plan.compute_dtype,
-            "gradient_checkpointing": node_plan.gradient_checkpointing, **describe_loaded(model)}
+            "gradient_checkpointing": node_plan.gradient_checkpointing, **describe_loaded(model),
+            **quant_info}
     if node_plan.quantization in _FOUR_BIT and info["linear4bit_modules"] == 0:
         info["quantization_used"] = "16-bit (4-bit unavailable on this device)"
     else:
@@ -62,8 +71,10 @@ def load_for_training(model_path: str, node_plan: NodePlan, job: JobSpec, *,
     return model, tokenizer, info
 
 
-def _load_unsloth(model_path, node_plan, job, device_map, seed):
+def _load_unsloth(model_path, node_plan, job, device_map, seed, protection, quant_info):
     from unsloth import FastLanguageModel
+
+    from rayquant import dynamic4bit, fp8
 
     q = node_plan.quantization
     kwargs: dict[str, Any] = dict(
@@ -72,9 +83,16 @@ def _load_unsloth(model_path, node_plan, job, device_map, seed):
         use_gradient_checkpointing=_CHECKPOINTING[node_plan.gradient_checkpointing],
         random_state=seed,
     )
-    if q == "fp8":
+    if q == "fp8" and node_plan.fp8_path == "rowwise":  # cc 8.9: 16-bit load, then rayquant.fp8
+        kwargs["load_in_16bit"] = True
+    elif q == "fp8":
         kwargs["load_in_fp8"] = True
+    if protection is not None:
+        kwargs["quantization_config"] = dynamic4bit.bnb_quantization_config(
+            protection.protected, kwargs["dtype"], node_plan.double_quant)
     model, tokenizer = FastLanguageModel.from_pretrained(model_path, **kwargs)
+    quant_info.update(dynamic4bit.after_load(model, model_path, protection))
+    quant_info.update(fp8.after_load(model, node_plan))
     model = FastLanguageModel.get_peft_model(
         model, r=job.lora_rank, lora_alpha=job.effective_lora_alpha, lora_dropout=job.lora_dropout,
         target_modules=_lora_targets(job), bias="none",
@@ -83,7 +101,7 @@ def _load_unsloth(model_path, node_plan, job, device_map, seed):
     return model, tokenizer
 
 
-def _load_hf(model_path, node_plan, job, device_map, seed):
+def _load_hf(model_path, node_plan, job, device_map, seed, protection, quant_info):
     """transformers + bitsandbytes + PEFT, for architectures Unsloth does not support."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -94,7 +112,8 @@ def _load_hf(model_path, node_plan, job, device_map, seed):
     if node_plan.quantization in _FOUR_BIT:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_use_double_quant=node_plan.double_quant,
-                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head"])
+                                   bnb_4bit_compute_dtype=dtype,
+                                   llm_int8_skip_modules=["lm_head", *(protection.protected if protection else ())])
     elif node_plan.quantization == "fp8":
         raise ValueError("the hf backend has no FP8 path; plan FP8 with backend=unsloth, or pin "
                          "quantization to nf4/bf16")
@@ -107,6 +126,9 @@ def _load_hf(model_path, node_plan, job, device_map, seed):
     elif use_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    from rayquant.dynamic4bit import after_load
+
+    quant_info.update(after_load(model, model_path, protection))
     torch.manual_seed(seed)
     config = LoraConfig(r=job.lora_rank, lora_alpha=job.effective_lora_alpha, lora_dropout=job.lora_dropout,
                         target_modules=_lora_targets(job), bias="none", task_type="CAUSAL_LM")
