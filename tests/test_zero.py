@@ -145,7 +145,8 @@ def _free_port() -> int:
 def test_zero3_qlora_trains_on_two_cpu_processes(tiny_llama_dir, tmp_path):
     script = tmp_path / "zero3_run.py"
     script.write_text(_RUN)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+    # The CPU run on any machine: on a GPU box DeepSpeed would pick CUDA while the script trains on CPU.
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
