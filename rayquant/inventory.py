@@ -225,17 +225,23 @@ def node_types_from_probes(probes: Sequence[NodeProbe], include_cpu_nodes: bool 
 
 
 def probe_notes(probes: Iterable[NodeProbe]) -> list[str]:
-    """Every note about how nodes were read (fallbacks, generic GPUs), one line each."""
-    lines = []
+    """How nodes were read (fallbacks, generic GPUs), one line per distinct note with its nodes."""
+    by_note: dict[str, list[str]] = {}
     for p in probes:
-        lines.extend(f"node {p.node_id[:12]}: {n}" for n in p.notes)
+        notes = list(p.notes)
         for name, mem in zip(p.gpu_names, p.gpu_memory_bytes):
             _, note = _gpu_spec(name, mem)
             if note:
-                lines.append(f"node {p.node_id[:12]}: {note}")
+                notes.append(note)
                 break
         if p.source == "ray-resources" and p.gpu_count:
-            lines.append(f"node {p.node_id[:12]}: read from Ray's resources (no NVML on the node)")
+            notes.append("read from Ray's resources and labels (no NVML on the node)")
+        for note in notes:
+            by_note.setdefault(note, []).append(p.node_id[:12])
+    lines = []
+    for note, nodes in by_note.items():
+        shown = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+        lines.append(f"{note} ({len(nodes)} node{'s' * (len(nodes) != 1)}: {shown})")
     return lines
 
 
