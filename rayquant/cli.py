@@ -65,6 +65,8 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, addre
                 click.echo(f"\nDataset {cfg.dataset}: {data.num_rows} rows, format {data.format}, all rows OK.")
                 click.echo("Dry run: nothing trained. Drop --dry-run to train.")
             return
+        if not as_json:
+            click.echo(_plan_table(trainer.plan()))
         result = trainer.fit()
     except (ConfigError, DatasetError, PlanError) as e:
         _planner_error(e)

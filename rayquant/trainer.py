@@ -250,8 +250,9 @@ class RayQuantTrainer:
         name = self._run_name()
         storage = Path(run.storage_path).expanduser().resolve()
         run_dir = storage / name
-        if (run_dir / "adapter" / "manifest.json").exists() and not run.output_dir:
-            # A finished run of that name: Ray Train would restore it; start a new one beside it.
+        if (run_dir / FINISHED_MARKER).exists() or (run_dir / "adapter" / "manifest.json").exists():
+            # A finished run of that name: Ray Train would restore its final checkpoint; start a new
+            # run beside it. An unfinished one is resumed (rerunning the command continues it).
             name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
             run_dir = storage / name
         dest = Path(run.output_dir).expanduser() if run.output_dir else run_dir / "adapter"
@@ -306,6 +307,7 @@ class RayQuantTrainer:
                         "ray_address": self._ray_address() or "local"},
                 "sft": asdict(self.options.sft)})
             adapter_dir = write_atomically(gathered.adapter_dir, manifest, dest)
+        _write_json_atomically(run_dir / FINISHED_MARKER, {"adapter_dir": str(adapter_dir), "steps": total_steps})
         metrics = dict(result.metrics or {}, fit_wall_s=wall_s)
         print(f"[rayquant] adapter written to {adapter_dir}", flush=True)
         return TrainResult(adapter_dir=adapter_dir, manifest=manifest, metrics=metrics, plan=plan,
@@ -324,9 +326,23 @@ class RayQuantTrainer:
         return scaling_config_kwargs(plan, discover_node_types(self._ray_address()), cpus_per_worker=cpus)
 
 
+FINISHED_MARKER = "rayquant_finished.json"  # in the run dir: its final checkpoint holds adapters only
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def _train_loop(config: dict) -> None:
     # Imported in the worker: the driver needs neither unsloth nor a GPU.
+    import logging
+
     from rayquant.worker import train_loop_per_worker
+
+    # Ray Train logs every report at INFO on every rank, which drowns the driver's progress lines.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
 
     config = dict(config, model_path=resolve_model(config["model"]))
     train_loop_per_worker(config)

@@ -311,7 +311,12 @@ def train_loop_per_worker(config: dict) -> None:
     t0 = time.perf_counter()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = json.loads((Path(ckpt_dir) / CHECKPOINT_SUBDIR / STATE_FILE).read_text())
+            state_file = Path(ckpt_dir) / CHECKPOINT_SUBDIR / STATE_FILE
+            if not state_file.exists():
+                raise RuntimeError(f"the checkpoint to resume from ({checkpoint.path}) holds the final "
+                                   "adapters of a finished run, not a training state; start a new run "
+                                   "(choose another run.name) or take the adapter from that run")
+            state = json.loads(state_file.read_text())
             if state["world_size"] != world:
                 raise RuntimeError(f"checkpoint was written by {state['world_size']} workers, this run has "
                                    f"{world}; start a new run (run.name) to change the worker count")
