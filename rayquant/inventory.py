@@ -261,9 +261,14 @@ def _connect(address: str | None) -> bool:
             f"RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or save it to "
             f"~/.ray/auth_token), then retry.") from None
     except ConnectionError as e:
+        # A refused token surfaces here too, after Ray's own retries (Ray 2.60 logs
+        # "InvalidAuthToken" from its GCS client but raises only ConnectionError).
         raise InventoryError(
-            f"could not reach a Ray cluster at {address}: {e}\nTo fix: check the address "
-            f"(`ray status` on the head prints it), or leave --address out to read this machine.") from None
+            f"could not connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {e}\n"
+            f"To fix: check the address (`ray status` on the head prints it). If the cluster uses "
+            f"token authentication (the default for clusters Ray 2.60 starts), export "
+            f"RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or save it to "
+            f"~/.ray/auth_token). Or leave --address out to read this machine.") from None
     except RuntimeError as e:
         if "auth" in str(e).lower() or "token" in str(e).lower():
             raise InventoryError(
