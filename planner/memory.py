@@ -66,23 +66,43 @@ BNB_PAGED_MIN_NUMEL = 100_000
 # eager loading. We take 512 MiB. It is outside torch's allocator but inside NVML's total.
 CUDA_CONTEXT_BYTES = 512 * MIB
 # cuBLAS(Lt) workspaces: torch allocates 32 MiB per handle/stream on Hopper (4 MiB before), plus
-# the flash/SDPA and cuDNN scratch: 64 MiB together.
+# the flash/SDPA and cuDNN scratch: 64 MiB together. Unlike the context, these come from torch's
+# caching allocator (CublasHandlePool.cpp getNewWorkspace), so they count in max_memory_allocated.
 CUDA_WORKSPACE_BYTES = 64 * MIB
-# Caching-allocator slack on the dynamic (per-step) allocations: blocks are rounded to 512 B and
-# carved from 2/20 MiB segments, so reserved exceeds allocated by a few percent; we keep 5%.
-ALLOCATOR_SLACK = 0.05
+# Caching-allocator slack (reserved - allocated) on the per-step transients: freed blocks stay
+# cached and are only reused by requests that fit them; the loss phase (one big logits buffer) and
+# the backward phase (per-layer recomputation) interleave differently sized blocks, so reserved
+# holds part of both. We keep 25% of the transient peak; the H200 run saw 26-60% (docs/planner.md).
+ALLOCATOR_SLACK = 0.25
 
 # -- logits ----------------------------------------------------------------------------------
-# unsloth_zoo/fused_losses/cross_entropy_loss.py: the fused CE loss splits rows so that one chunk's
-# transient (`_CE_BYTES_PER_LOGIT` = 16 bytes per logit) fits a target of half the free memory
-# capped at `_CE_TARGET_GB_CAP` = 4 GiB. We assume the cap (conservative on nearly full GPUs).
-UNSLOTH_CE_BYTES_PER_LOGIT = 16
-UNSLOTH_CE_TARGET_BYTES = 4 * GIB
+# Unsloth's CausalLM forward (unsloth/models/llama.py _CausalLM_fast_forward) never materializes the
+# logits: it calls unsloth_fused_ce_loss, which (UNSLOTH_CHUNKED_CE=1 and UNSLOTH_FUSED_LINEAR=1 by
+# default) runs unsloth_zoo/fused_losses/fused_linear.py `_ce_impl`: the gradient is taken in the
+# forward, chunk by chunk, into ONE reused [rows, vocab] logits buffer (`_Buffers`), fp32 where an
+# fp32-output GEMM exists (CUDA, cc >= 8: `_logits_mode`), else 16-bit; the hidden-state gradient
+# [tokens, h] (16-bit) is kept for the backward. Rows per chunk (`fused_linear_rows`): the power of two
+# at or below tokens*h/vocab, at least the power of two at or below 512*151936/vocab (>= 512), at most
+# 4096, and at most 2 GiB / (vocab * bytes per logit) (`_CHUNK_GB`). On cards > 24.5 GiB with >= 4096
+# labelled rows, and on every cc >= 8 card <= 24.5 GiB (`_flash_min_rows_auto`), the frozen head takes
+# the tiled "flash" path instead (`_tiled_forward`): a [R, tile] fp32 buffer bounded by 256 MiB
+# (`_BWD_TILE_BYTES`) plus an [R, h] fp32 accumulator, R = min(4096, labelled rows).
+UNSLOTH_CE_MIN_LOGITS = 512 * 151936
+UNSLOTH_CE_MAX_ROWS = 4096
+UNSLOTH_CE_CHUNK_BYTES = 2 * GIB
+UNSLOTH_CE_TILE_BYTES = 256 * MIB
+UNSLOTH_CE_TILE_COLS = 16384
+UNSLOTH_CE_SMALL_CARD_BYTES = int(24.5 * GIB)
+UNSLOTH_CE_FLASH_MIN_ROWS = 4096
 # transformers ForCausalLMLoss (loss/loss_utils.py) with the hf backend: lm_head writes 16-bit
 # logits (2 B, kept in the model output that TRL reads), `logits.float()` + log_softmax keeps the fp32
 # log-probabilities (4 B) for the backward, and the backward holds the fp32 incoming gradient (4 B)
 # and the fp32 input gradient (4 B) at once: 14 bytes per logit at the peak.
 HF_LOGIT_BYTES = 2 + 4 + 4 + 4
+# peft prepare_model_for_kbit_training (peft/utils/other.py, "cast all non INT8 parameters to fp32"),
+# which the hf backend calls for 4-bit bases, upcasts every 16-bit parameter that is not a Params4bit
+# (embeddings, lm_head, norms, biases, protected 16-bit modules) to fp32.
+KBIT_UPCAST_BYTES = 4
 
 COMPUTE_BYTES = 2  # bf16 / fp16
 # Architectures with LayerNorm instead of RMSNorm: torch's native layer_norm keeps its 16-bit input
@@ -102,11 +122,20 @@ class MemoryEstimate:
     # Bytes each module needs (static state + what it keeps for the backward), keyed by HF module
     # name (model.embed_tokens, model.layers.N, model.norm, lm_head): the layer map's input.
     module_bytes: Mapping[str, int]
+    # Parts of `overhead` torch's caching allocator does not count as allocated: the CUDA context
+    # (outside torch entirely) and the allocator slack (reserved but not allocated).
+    context_bytes: int = 0
+    slack_bytes: int = 0
 
     @property
     def allocated_bytes(self) -> int:
-        """Peak of torch's allocator (max_memory_allocated): the peak without context and slack."""
-        return self.peak_bytes - self.breakdown.overhead
+        """Predicted torch.cuda.max_memory_allocated: the peak without context and slack."""
+        return self.peak_bytes - self.context_bytes - self.slack_bytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Predicted torch.cuda.max_memory_reserved: allocated plus the allocator slack."""
+        return self.peak_bytes - self.context_bytes
 
     def fits(self, safety_margin: float = 0.0) -> bool:
         return self.peak_bytes <= budget_bytes(self.capacity_bytes, safety_margin)
@@ -216,6 +245,50 @@ def backward_working_bytes_per_token(model: ModelSpec) -> int:
     return COMPUTE_BYTES * (model.hidden_size + 2 * width)
 
 
+
+def unsloth_ce_bytes(model: ModelSpec, gpu: GpuSpec, tokens: int, labelled: int) -> int:
+    """Peak bytes of Unsloth's fused linear cross entropy (see the constants above for the source):
+    the reused logits buffer, its row statistics, and the [tokens, h] 16-bit hidden-state gradient
+    it keeps for the backward. `labelled` is the number of rows with a target (tokens - b)."""
+    h, vocab = model.hidden_size, model.vocab_size
+    cuda_fp32 = not is_cpu(gpu) and tuple(gpu.compute_capability) >= (8, 0)
+    per_logit = 4 if cuda_fp32 else COMPUTE_BYTES
+    grad_hidden = COMPUTE_BYTES * tokens * h
+    stats = 3 * 4 * labelled  # log-probs, lse, divisor bookkeeping: fp32 per labelled row
+    small_card = gpu.memory_bytes <= UNSLOTH_CE_SMALL_CARD_BYTES
+    flash_min_rows = 0 if small_card else UNSLOTH_CE_FLASH_MIN_ROWS
+    if cuda_fp32 and labelled >= flash_min_rows:
+        rows = min(UNSLOTH_CE_MAX_ROWS, labelled, UNSLOTH_CE_TILE_BYTES // (UNSLOTH_CE_TILE_COLS * 4))
+        tile = max(UNSLOTH_CE_TILE_BYTES // (rows * 4), UNSLOTH_CE_TILE_COLS)
+        if small_card:
+            tile = min(tile, UNSLOTH_CE_TILE_COLS)
+        tile = min(tile - tile % UNSLOTH_CE_TILE_COLS, math.ceil(vocab / UNSLOTH_CE_TILE_COLS) * UNSLOTH_CE_TILE_COLS)
+        return grad_hidden + stats + rows * tile * 4 + rows * h * 4
+    exact = labelled * h / vocab
+    rows = 1 << max(math.ceil(math.log2(max(exact, 1))), 0)
+    if rows > exact:
+        rows //= 2
+    min_exact = UNSLOTH_CE_MIN_LOGITS / vocab
+    min_rows = 1 << max(math.ceil(math.log2(max(min_exact, 1))), 0)
+    if min_rows > min_exact:
+        min_rows //= 2
+    min_rows = min(max(min_rows, 512), UNSLOTH_CE_MAX_ROWS)
+    rows = min(max(rows, min_rows), UNSLOTH_CE_MAX_ROWS)
+    rows = min(rows, max(UNSLOTH_CE_CHUNK_BYTES // (vocab * per_logit), 2), max(labelled, 1))
+    padded_vocab = math.ceil(vocab / 8) * 8  # `_Buffers` pads rows to a multiple of 8 for cuBLAS
+    # The per-chunk hidden-gradient product dz @ W is an fp32 [rows, h] temporary (`_dz_w`).
+    return grad_hidden + stats + rows * padded_vocab * per_logit + rows * h * 4
+
+
+def dequant_transient_bytes(model: ModelSpec, quantization: str) -> int:
+    """The 16-bit copy of the largest quantized linear that exists while its backward runs:
+    bitsandbytes MatMul4Bit.backward (`F.dequantize_4bit(B, ctx.state).to(dtype).t()`), Unsloth's
+    fast_lora backward (`fast_dequantize(W.t(), W_quant)`) and the FP8 paths (the weight is
+    dequantized to bf16 for the input gradient) all materialize one whole weight."""
+    if quantization not in ("nf4", "dynamic-4bit", "fp8"):
+        return 0
+    return COMPUTE_BYTES * max(x.in_features * x.out_features for x in model.linear_layers())
+
 # -- the estimate ---------------------------------------------------------------------------------
 def _layers(model: ModelSpec) -> list[tuple[tuple[LinearShape, ...], int]]:
     """(linears of one layer, number of such layers): MoE models may keep some dense layers."""
@@ -272,6 +345,7 @@ def estimate_memory(
     weights_layers = []
     trainable_tensors: list[int] = []  # element counts, for the 8-bit optimizer's small-tensor rule
     adapter_layers = []
+    sixteen_bit = 0  # bytes of the 16-bit parameters beside the quantized linears (kbit upcast)
     for linears, n_layers in _layers(model):
         w = 0
         lora = []
@@ -280,9 +354,14 @@ def estimate_memory(
             if x.name in ("gate", "shared_expert_gate") and quantization != "nf4":
                 scheme = "bf16"
             w += _linear_weight_bytes(x, scheme, double_quant)
+            if scheme in ("nf4", "dynamic-4bit"):
+                sixteen_bit += n_layers * x.count * (COMPUTE_BYTES * x.out_features if x.bias else 0)
+            else:
+                sixteen_bit += n_layers * _linear_weight_bytes(x, scheme, double_quant)
             if x.name in targets:
                 lora += _lora_tensors(x, lora_rank)
         w += COMPUTE_BYTES * _layer_norm_params(model)
+        sixteen_bit += n_layers * COMPUTE_BYTES * _layer_norm_params(model)
         weights_layers.append((w, n_layers))
         adapter_layers.append((lora, n_layers))
         if full_finetune:
@@ -306,6 +385,10 @@ def estimate_memory(
     weights = embed_w + head_w + sum(w * n for w, n in weights_layers)
     if quantization == "dynamic-4bit":
         weights += protected_bytes
+    if backend == "hf" and quantization in ("nf4", "dynamic-4bit"):
+        # prepare_model_for_kbit_training upcasts the 16-bit parameters to fp32 (KBIT_UPCAST_BYTES).
+        upcast = sixteen_bit + embed_w + head_w + (protected_bytes if quantization == "dynamic-4bit" else 0)
+        weights += upcast * (KBIT_UPCAST_BYTES - COMPUTE_BYTES) // COMPUTE_BYTES
 
     # Adapters, gradients and optimizer states of the trainable parameters.
     param_bytes = COMPUTE_BYTES if full_finetune else _ADAPTER_BYTES
@@ -334,45 +417,60 @@ def estimate_memory(
         opt = math.ceil(opt / num_shards)
         paged_host = math.ceil(paged_host / num_shards)
 
-    # Activations by checkpointing mode.
+    # Activations by checkpointing mode. The step has two transient phases that never overlap: the
+    # loss (logits and their gradient, freed before the decoder backward starts) and the decoder
+    # backward (one layer's recomputed activations, its gradients and a dequantized weight). What
+    # each layer keeps from the forward is alive in both; the peak takes the larger phase.
     per_layer_act = tokens * activation_bytes_per_token(model, backend, full_finetune,
                                                          quantization, targets)
     layer_input = tokens * COMPUTE_BYTES * h  # the residual stream entering a layer
     working = tokens * backward_working_bytes_per_token(model)
+    dequant = dequant_transient_bytes(model, quantization)
     L = model.num_layers
     offloaded = 0
     if gradient_checkpointing == "none":
         kept_per_layer = per_layer_act
-        activations = L * per_layer_act + working
+        recompute = working
     elif gradient_checkpointing == "hf":
         # torch.utils.checkpoint per decoder layer (HF gradient_checkpointing_enable): each layer's
         # input stays on the GPU; the backward recomputes one layer's activations at a time.
         kept_per_layer = layer_input
-        activations = L * layer_input + per_layer_act + working
+        recompute = per_layer_act + working
     elif gradient_checkpointing == "unsloth":
-        # Unsloth's offloaded checkpointing (unsloth_zoo/gradient_checkpointing.py) copies each
-        # layer input to pinned host memory (non_blocking) and brings it back for the recompute:
-        # one layer input plus one layer's recomputation on the GPU.
-        kept_per_layer = 0
-        activations = layer_input + per_layer_act + working
+        # Unsloth's offloaded checkpointing (unsloth_zoo/gradient_checkpointing.py,
+        # UnslothCheckpointFunction) copies each layer input over 2 MiB to pinned host RAM
+        # (counted in host_bytes) and reloads it for the recompute. The 2026-11-27 H200 run measured
+        # those inputs' bytes still allocated on the GPU at the loss nonetheless: Qwen2.5-0.5B
+        # (24 x 2048 x 896) and Llama-3.2-1B (16 x 2048 x 2048) differ by 46 MB in layer inputs and
+        # by -48 MB in the CE buffer, and their measured transients agree to 0.6 MB (docs/planner.md).
+        # So the GPU keeps them too until this is understood; the host copy is counted as well.
+        kept_per_layer = layer_input
+        recompute = per_layer_act + working
         offloaded = L * layer_input
     else:
         raise PlanError(f"gradient_checkpointing={gradient_checkpointing!r} is not one of none, hf, unsloth")
+    kept = L * kept_per_layer
     # The embedding output (the first layer's input) and the final norm's input stay either way.
-    activations += 2 * layer_input
+    final = 2 * layer_input
 
     # Logits and loss.
     n_logits = tokens * model.vocab_size
     if backend == "unsloth":
-        chunk = min(UNSLOTH_CE_BYTES_PER_LOGIT * n_logits, UNSLOTH_CE_TARGET_BYTES)
-        # plus the gradient w.r.t. the final hidden states the fused loss writes whole (b*s*h).
-        logits = chunk + layer_input
+        logits = unsloth_ce_bytes(model, gpu, tokens, tokens - b)
+        if full_finetune:
+            # A trainable head gets its gradient accumulated over the chunks (`acc_w`, head dtype).
+            logits += COMPUTE_BYTES * model.vocab_size * h
     else:
         logits = HF_LOGIT_BYTES * n_logits
+    backward_extra = recompute + dequant
+    activations = kept + final + max(0, backward_extra - logits)
 
     # Overhead: context and workspaces (GPU only), allocator slack on the per-step allocations.
-    fixed = 0 if is_cpu(gpu) else CUDA_CONTEXT_BYTES + CUDA_WORKSPACE_BYTES
-    overhead = fixed + int(ALLOCATOR_SLACK * (activations + logits))
+    # Only the workspaces are inside torch's allocator; context and slack are not "allocated".
+    context = 0 if is_cpu(gpu) else CUDA_CONTEXT_BYTES
+    workspace = 0 if is_cpu(gpu) else CUDA_WORKSPACE_BYTES
+    slack = int(ALLOCATOR_SLACK * (activations + logits))
+    overhead = context + workspace + slack
 
     breakdown = MemoryBreakdown(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                                 optimizer=int(opt), activations=int(activations), logits=int(logits),
@@ -405,6 +503,8 @@ def estimate_memory(
         capacity_bytes=int(gpu.memory_bytes),
         trainable_params=int(trainable),
         module_bytes=module_bytes,
+        context_bytes=int(context),
+        slack_bytes=int(slack),
     )
 
 

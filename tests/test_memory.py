@@ -50,7 +50,9 @@ def test_checkpointing_modes_order_and_offload(llama8b):
     kw = dict(quantization="nf4", seq_len=4096, micro_batch_size=2)
     none, hf, uns = (estimate_memory(llama8b, gpu(80), gradient_checkpointing=m, **kw)
                      for m in ("none", "hf", "unsloth"))
-    assert none.breakdown.activations > hf.breakdown.activations > uns.breakdown.activations
+    # Unsloth's offload copies layer inputs to host RAM, yet the H200 run measured them still on
+    # the GPU (planner/memory.py), so "unsloth" plans like "hf" on the GPU and adds the host copy.
+    assert none.breakdown.activations > hf.breakdown.activations == uns.breakdown.activations
     assert uns.host_bytes == llama8b.num_layers * 2 * 4096 * 2 * llama8b.hidden_size
     assert hf.host_bytes == 0 and none.host_bytes == 0
 
