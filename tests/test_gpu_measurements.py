@@ -1,0 +1,83 @@
+"""The memory model against the real H200 measurements of 2026-11-27 (docs/gpu-measurements.md).
+
+Each ok case is re-predicted with today's planner (same model config, quantization, backend,
+checkpointing, sequence length, micro-batch, LoRA rank, optimizer, and the protected bytes dynamic
+4-bit really spent) and compared allocated-to-allocated (torch.cuda.max_memory_allocated, no CUDA
+context, no allocator slack).
+
+Tolerance: 15%. The model is a sum of named terms read from the stack's source, with no fitted
+constants; the largest known term it counts that a 3-step measurement may not see is the full set of
+LoRA gradients during the loss phase (they are None after zero_grad(set_to_none=True) unless gradient
+accumulation keeps them; the planner counts them because real runs accumulate), 3-8% of these peaks,
+plus 64 MiB of cuBLAS/attention workspaces that may have been allocated before the peak was reset.
+A prediction may therefore sit above the measurement by up to that, never far below it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from planner.hardware import lookup_gpu
+from planner.memory import estimate_memory
+from planner.model import load_model_spec
+
+RUNS = sorted((Path(__file__).resolve().parent.parent / "docs" / "gpu").glob("2026-11-27-h200-run*.json"))
+TOLERANCE = 0.15
+# The hf-backend cases ran with Unsloth imported (rayquant.calibrate.run_cases imports it before any
+# case when one case uses Unsloth), which replaces transformers' ForCausalLMLoss by
+# UnslothForCausalLMLoss (unsloth_zoo/loss_utils.py: no `logits.float()` upcast, compiled CE), so the
+# measured loss kept ~4 bytes per logit. The planner's hf backend models stock transformers (a worker
+# that runs the hf backend without Unsloth: 16-bit logits + fp32 copy + fp32 log-softmax + fp32
+# gradient, 14 bytes per logit), what a worker without Unsloth really allocates. These cases can only
+# bound the prediction from above: it must not under-predict, and must stay under 2x.
+STOCK_HF_LOSS_NOT_MEASURED = "hf"
+
+
+def _cases():
+    for path in RUNS:
+        for r in json.loads(path.read_text(encoding="utf-8"))["results"]:
+            if r.get("status") == "ok":
+                yield pytest.param(r, id=f"{path.stem[-4:]}:{r['label']}")
+
+
+def _predict(r):
+    spec = load_model_spec(r["model"])
+    protected = int((r.get("loaded") or {}).get("protected_cost_bytes") or 0)
+    return estimate_memory(
+        spec, lookup_gpu(r["gpu"]), quantization=r["quantization"], backend=r["backend"],
+        seq_len=r["seq_len"], micro_batch_size=r["micro_batch_size"], lora_rank=r["lora_rank"],
+        gradient_checkpointing=r["gradient_checkpointing"], optimizer=r["optimizer"],
+        protected_bytes=protected)
+
+
+def test_runs_are_present():
+    assert len(RUNS) == 2
+    assert sum(1 for _ in _cases()) >= 10
+
+
+@pytest.mark.parametrize("r", _cases())
+def test_allocated_memory_matches_measurement(r):
+    est = _predict(r)
+    measured = r["measured_allocated_bytes"]
+    ratio = est.allocated_bytes / measured
+    if r["backend"] == STOCK_HF_LOSS_NOT_MEASURED:
+        assert 1.0 <= ratio <= 2.0, f"{r['label']}: predicted/measured allocated {ratio:.3f}"
+        return
+    assert abs(ratio - 1.0) <= TOLERANCE, f"{r['label']}: predicted/measured allocated {ratio:.3f}"
+    # The old model predicted 4x-5x for the small models (a 4 GiB CE target that Unsloth no longer uses).
+    assert est.allocated_bytes < r["predicted_allocated_bytes"]
+
+
+@pytest.mark.parametrize("r", _cases())
+def test_reserved_memory_is_covered_by_the_budgeted_peak(r):
+    """The budget check uses the peak with slack; it must cover what torch really reserved, up to
+    the same tolerance (allocator fragmentation varies run to run: the two fp8 runs of the same
+    shapes reserved 1.15 and 1.23 GiB)."""
+    if r["backend"] == STOCK_HF_LOSS_NOT_MEASURED:
+        pytest.skip("hf cases measured with Unsloth's patched loss (see module docstring)")
+    est = _predict(r)
+    ratio = est.reserved_bytes / r["measured_reserved_bytes"]
+    assert 1.0 - 0.2 <= ratio <= 1.0 + TOLERANCE, f"{r['label']}: predicted/measured reserved {ratio:.3f}"
