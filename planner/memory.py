@@ -254,6 +254,8 @@ def unsloth_ce_bytes(model: ModelSpec, gpu: GpuSpec, tokens: int, labelled: int)
     cuda_fp32 = not is_cpu(gpu) and tuple(gpu.compute_capability) >= (8, 0)
     per_logit = 4 if cuda_fp32 else COMPUTE_BYTES
     grad_hidden = COMPUTE_BYTES * tokens * h
+    if labelled <= 0:  # one-token sequences: no next token to predict, no logits
+        return grad_hidden
     stats = 3 * 4 * labelled  # log-probs, lse, divisor bookkeeping: fp32 per labelled row
     small_card = gpu.memory_bytes <= UNSLOTH_CE_SMALL_CARD_BYTES
     flash_min_rows = 0 if small_card else UNSLOTH_CE_FLASH_MIN_ROWS

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from planner.hardware import GpuSpec, NodeType
 from planner.layermap import bytes_per_gpu, layer_device_map
@@ -16,6 +16,9 @@ from planner.memory import GIB, MemoryEstimate, budget_bytes, estimate_memory, m
 from planner.model import ModelSpec, load_model_spec
 from planner.plan import JobSpec, NodePlan, PlanError, TrainingPlan, WorkerAssignment
 from planner.throughput import tokens_per_second
+
+if TYPE_CHECKING:
+    from planner.calibration import Calibration
 
 MAX_MICRO_BATCH = 64
 _OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")  # tie-break order: exact first
@@ -104,7 +107,7 @@ def _checkpointing_modes(job: JobSpec, backend: str) -> tuple[str, ...]:
 
 def _evaluate(model: ModelSpec, nt: NodeType, job: JobSpec, budget: int, quantization: str,
               optimizer: str, ckpt: str, micro: int, placement: str,
-              calibration: Mapping[str, float]) -> _Config | None:
+              calibration: "_Factors") -> _Config | None:
     """One configuration: its estimate and throughput if it fits, else None."""
     gpu = nt.gpu
     backend = "hf" if placement == "zero3" else job.backend
@@ -127,13 +130,17 @@ def _evaluate(model: ModelSpec, nt: NodeType, job: JobSpec, budget: int, quantiz
         except PlanError:
             return None
         peak = reserve + max(bytes_per_gpu(device_map, est.module_bytes, nt.gpus_per_node))
+    # A calibration's measured/predicted ratio compares allocated with allocated, so it scales what
+    # the allocator holds (not the CUDA context and the slack), before the budget check.
+    outside = est.context_bytes + est.slack_bytes
+    peak = outside + math.ceil((peak - outside) * calibration.memory(gpu.name, quantization))
     if peak > budget:
         return None
     tps = tokens_per_second(model, gpu, quantization=quantization, seq_len=job.seq_len,
                             micro_batch_size=micro, lora_rank=job.lora_rank,
                             lora_targets=job.lora_targets, full_finetune=job.full_finetune,
                             gradient_checkpointing=ckpt, num_shards=shards)
-    tps *= calibration.get(gpu.name, 1.0)
+    tps *= calibration.throughput(gpu.name, quantization)
     return _Config(quantization, optimizer, ckpt, micro, placement, backend, est, peak, tps, device_map)
 
 
@@ -331,16 +338,38 @@ def _reasons(model: ModelSpec, ts: _TypeSearch, cfg: _Config, job: JobSpec, accu
     return r
 
 
+@dataclass(frozen=True)
+class _Factors:
+    """Calibration factors by (GPU name, quantization): a planner.calibration.Calibration, or the
+    older mapping GPU name -> measured/predicted tokens/s ratio (memory left as predicted)."""
+
+    source: Any = None
+
+    def memory(self, gpu_name: str, quantization: str) -> float:
+        if hasattr(self.source, "memory_factor"):
+            return float(self.source.memory_factor(gpu_name, quantization))
+        return 1.0
+
+    def throughput(self, gpu_name: str, quantization: str) -> float:
+        if hasattr(self.source, "throughput_factor"):
+            return float(self.source.throughput_factor(gpu_name, quantization))
+        return float((self.source or {}).get(gpu_name, 1.0))
+
+
 def make_plan(model: ModelSpec | str, node_types: Sequence[NodeType], job: JobSpec,
-              calibration: Mapping[str, float] | None = None) -> TrainingPlan:
-    """Plan a job on an inventory. `calibration` maps GPU name -> measured/predicted tokens/s ratio
-    (from earlier runs' manifests) to correct the throughput model; None uses it as is."""
+              calibration: "Calibration | Mapping[str, float] | None" = None) -> TrainingPlan:
+    """Plan a job on an inventory.
+
+    `calibration` is a planner.calibration.Calibration (from `rayquant calibrate`): predicted peak
+    memory (its allocator part) is scaled by memory_factor(gpu, quantization) before the budget
+    check, tokens/s by throughput_factor(gpu, quantization). A plain mapping GPU name ->
+    measured/predicted tokens/s ratio is still accepted. None uses the models as they are."""
     spec = load_model_spec(model) if isinstance(model, str) else model
     if not node_types:
         raise PlanError("the inventory is empty. To fix: pass --gpus like 2x8xH100-80GB,4x1xA10G")
     if not job.full_finetune:
         spec.resolve_targets(job.lora_targets)  # fail early on unknown targets
-    calibration = dict(calibration or {})
+    calibration = _Factors(calibration)
     searched = [_search_type(spec, nt, job, calibration) for nt in node_types]
     usable = [t for t in searched if t.best is not None]
     failed = [t for t in searched if t.best is None]
