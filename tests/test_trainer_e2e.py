@@ -140,6 +140,23 @@ def test_manifest_measures_next_to_predictions(run):
 
 
 @pytest.mark.ray
+def test_rerunning_a_finished_run_starts_a_new_one_beside_it(run):
+    # Ray Train would restore the finished run's final checkpoint (adapters only); the trainer must
+    # start a fresh run instead, and say where, whether or not the adapter goes elsewhere.
+    from rayquant.trainer import RayQuantTrainer
+
+    assert (run.run_dir / "rayquant_finished.json").exists()
+    out = run.run_dir.parent / "elsewhere"
+    again = RayQuantTrainer(
+        model="rayquant/tiny-llama", dataset=DATA, plan=hetero_plan(),
+        sft={"max_steps": 2, "learning_rate": 5e-3, "logging_steps": 1},
+        run={"name": "e2e", "storage_path": str(run.run_dir.parent), "output_dir": str(out)}).fit()
+    assert again.run_dir != run.run_dir and again.run_dir.name.startswith("e2e-")
+    assert [w["steps"] for w in again.manifest["workers"]] == [2, 2]
+    assert (out / "adapter_config.json").exists()
+
+
+@pytest.mark.ray
 def test_ray_data_input_is_checked_on_the_driver(run):
     import ray.data
 
