@@ -72,11 +72,12 @@ def flops_per_token(model: ModelSpec, *, seq_len: int, full_finetune: bool, lora
 def tokens_per_second(model: ModelSpec, gpu: GpuSpec, *, quantization: str, seq_len: int,
                       micro_batch_size: int, lora_rank: int = 16, lora_targets="all",
                       full_finetune: bool = False, gradient_checkpointing: str = "unsloth",
-                      num_shards: int = 1) -> float:
+                      num_shards: int = 1, fp8_path: str | None = None) -> float:
     """Predicted tokens/s of one worker (one GPU, or one pipeline of GPUs for node-spanning).
 
-    FP8 speedup applies only with quantization="fp8" on compute capability >= 8.9; fp16 compute is
-    used where the GPU has no bf16 (cc < 8.0).
+    FP8 speedup applies only with quantization="fp8" through Unsloth's FP8 path on compute
+    capability >= 9.0 (not with fp8_path="rowwise", nor on 8.9 where that path is the one used);
+    fp16 compute is used where the GPU has no bf16 (cc < 8.0).
     """
     lora_n = 0 if full_finetune else model.lora_params(lora_rank, lora_targets)
     linear, attention = flops_per_token(model, seq_len=seq_len, full_finetune=full_finetune,
@@ -87,8 +88,12 @@ def tokens_per_second(model: ModelSpec, gpu: GpuSpec, *, quantization: str, seq_
     if peak16 <= 0:
         return 0.0
     rate16 = peak16 * MFU_16BIT * util
-    fp8_ok = quantization == "fp8" and gpu.fp8_tflops and tuple(gpu.compute_capability) >= (8, 9) \
-        and not is_cpu(gpu)
+    # FP8 speedup only where Unsloth's load_in_fp8 runs (cc >= 9.0). On 8.9 the plan uses our
+    # row-wise FP8 linear (rayquant/fp8.py), which quantizes its activations on every call: on an
+    # H200 (2026-11-27, docs/gpu-measurements.md) its _scaled_mm ran at 0.55x, 1.08x and 0.58x the
+    # bf16 GEMM for 4096x4096x4096, 4096x4096x14336 and 4096x14336x4096, so it gets no speedup here.
+    fp8_ok = quantization == "fp8" and gpu.fp8_tflops and tuple(gpu.compute_capability) >= (9, 0) \
+        and not is_cpu(gpu) and fp8_path != "rowwise"
     rate_linear = gpu.fp8_tflops * 1e12 * MFU_FP8 * util if fp8_ok else rate16
     seconds = linear / rate_linear + attention / rate16
     if quantization in ("nf4", "dynamic-4bit") and gpu.bandwidth_gb_per_s > 0:

@@ -417,6 +417,9 @@ def _plot_plan(plan, path: str) -> None:
 @click.option("--safety-margin", type=click.FloatRange(0.0, 0.9, max_open=True), default=0.10,
               show_default=True, help="Fraction of each GPU's memory the plan keeps free.")
 @click.option("--full-finetune", is_flag=True, help="Train every weight (16-bit) instead of LoRA.")
+@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
+              help="Calibration file from `rayquant calibrate`: scales predicted memory and tokens/s "
+                   "by the measured/predicted ratios for each GPU type and quantization.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--yaml", "as_yaml", is_flag=True, help="Print the plan as YAML.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -424,10 +427,12 @@ def _plot_plan(plan, path: str) -> None:
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Draw each node type's memory breakdown against its GPU to FILE.png or FILE.svg.")
 def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_targets, prefer,
-                 quantization, backend, safety_margin, full_finetune, as_json, as_yaml, output, plot):
+                 quantization, backend, safety_margin, full_finetune, calibration_file, as_json, as_yaml,
+                 output, plot):
     """Plan a fine-tuning job on a (mixed) GPU inventory: per node type the quantization,
     micro-batch, accumulation, optimizer, checkpointing and placement, each with its reason.
     Imports neither torch nor ray."""
+    from planner.calibration import Calibration
     from planner.hardware import parse_gpu_spec
     from planner.plan import JobSpec, PlanError
     from planner.search import make_plan
@@ -445,7 +450,8 @@ def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_
                       lora_targets=_split_targets(lora_targets), prefer=prefer, backend=backend,
                       safety_margin=safety_margin, quantization=quantization,
                       full_finetune=full_finetune)
-        plan = make_plan(model, node_types, job)
+        calibration = Calibration.load(calibration_file) if calibration_file else None
+        plan = make_plan(model, node_types, job, calibration=calibration)
     except (PlanError, ValueError) as e:
         _planner_error(e)
     text_json = plan.to_json()
@@ -488,13 +494,18 @@ def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_
               help="none; hf: keep layer inputs on the GPU; unsloth: offload them to host RAM.")
 @click.option("--optimizer", type=click.Choice(["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]),
               default="adamw_8bit", show_default=True, help="Optimizer whose states are counted.")
+@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
+              help="Calibration file from `rayquant calibrate`: scales predicted memory and tokens/s "
+                   "by the measured/predicted ratios for each GPU type and quantization.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 def estimate_command(model, gpu, quantization, double_quant, backend, seq_len, micro_batch, lora_rank,
-                     lora_targets, full_finetune, gradient_checkpointing, optimizer, as_json):
+                     lora_targets, full_finetune, gradient_checkpointing, optimizer, calibration_file,
+                     as_json):
     """Predict peak memory, the longest sequence that fits, and tokens/s of one worker for one
     fixed configuration."""
     import json
 
+    from planner.calibration import Calibration
     from planner.hardware import lookup_gpu
     from planner.memory import estimate_memory, max_seq_len
     from planner.model import load_model_spec
@@ -522,17 +533,32 @@ def estimate_command(model, gpu, quantization, double_quant, backend, seq_len, m
                                 micro_batch_size=micro_batch, lora_rank=lora_rank,
                                 lora_targets=_split_targets(lora_targets), full_finetune=full_finetune,
                                 gradient_checkpointing=gradient_checkpointing)
+        factors = None
+        peak = est.peak_bytes
+        if calibration_file:
+            cal = Calibration.load(calibration_file)
+            factors = {"file": calibration_file,
+                       "memory_factor": cal.memory_factor(device.name, quantization),
+                       "throughput_factor": cal.throughput_factor(device.name, quantization)}
+            # The factor compares allocated with allocated: context and slack stay as predicted.
+            outside = est.context_bytes + est.slack_bytes
+            peak = outside + round((est.peak_bytes - outside) * factors["memory_factor"])
+            tps *= factors["throughput_factor"]
+            notes.append(f"calibrated from {calibration_file}: memory x{factors['memory_factor']:.3f}, "
+                         f"tokens/s x{factors['throughput_factor']:.3f}; breakdown and max_seq_len "
+                         "are uncalibrated predictions")
     except (PlanError, ValueError) as e:
         _planner_error(e)
-    fits = est.peak_bytes <= device.memory_bytes
+    fits = peak <= device.memory_bytes
     result = {
         "model": spec.name, "gpu": device.name, "gpu_memory_bytes": device.memory_bytes,
         "config": {"seq_len": seq_len, **{k: list(v) if isinstance(v, tuple) else v
                                           for k, v in config.items()}},
-        "peak_memory_bytes": est.peak_bytes, "allocated_bytes": est.allocated_bytes,
+        "peak_memory_bytes": peak, "predicted_peak_memory_bytes": est.peak_bytes,
+        "allocated_bytes": est.allocated_bytes, "reserved_bytes": est.reserved_bytes,
         "breakdown_bytes": est.breakdown.as_dict(), "host_memory_bytes": est.host_bytes,
         "trainable_params": est.trainable_params, "fits": fits, "max_seq_len": longest,
-        "tokens_per_second": tps, "notes": notes,
+        "tokens_per_second": tps, "calibration": factors, "notes": notes,
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -543,7 +569,7 @@ def estimate_command(model, gpu, quantization, double_quant, backend, seq_len, m
     rows = [[k, f"{v / _GIB:.2f}"] for k, v in est.breakdown.as_dict().items()]
     rows.append(["peak", f"{est.peak_bytes / _GIB:.2f}"])
     click.echo(_catalog_table(["term", "GiB"], rows, right={1}))
-    click.echo(f"\nfits: {'yes' if fits else 'NO'} ({est.peak_bytes / _GIB:.2f} of "
+    click.echo(f"\nfits: {'yes' if fits else 'NO'} ({peak / _GIB:.2f} of "
                f"{device.memory_gib:.2f} GiB); longest sequence that fits at micro-batch "
                f"{micro_batch}: {longest}; host RAM: {est.host_bytes / _GIB:.2f} GiB; predicted "
                f"{tps:,.0f} tokens/s; trainable parameters: {est.trainable_params:,}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from planner.plan import TrainingPlan
@@ -83,3 +85,27 @@ def test_estimate_json():
     bad = CliRunner().invoke(main, ["estimate", "-m", "meta-llama/Llama-3.1-8B", "-g", "T4",
                                     "--quantization", "nf4", "--full-finetune"])
     assert bad.exit_code == 2 and "16-bit" in bad.output
+
+
+def test_plan_and_estimate_take_a_calibration_file(tmp_path):
+    from planner.calibration import Calibration, Measurement
+
+    m = Measurement(gpu="H100-80GB", quantization="nf4", model="meta-llama/Llama-3.1-8B", seq_len=2048,
+                    micro_batch_size=1, predicted_peak_bytes=10 * 2**30,
+                    predicted_allocated_bytes=9 * 2**30, measured_allocated_bytes=int(1.5 * 9 * 2**30),
+                    measured_reserved_bytes=14 * 2**30, predicted_tokens_per_second=1000.0,
+                    measured_tokens_per_second=500.0)
+    path = tmp_path / "cal.json"
+    Calibration((m,)).save(path)
+    base_args = ["estimate", "-m", "meta-llama/Llama-3.1-8B", "-g", "H100", "--json"]
+    base = json.loads(CliRunner().invoke(main, base_args).output)
+    cal = json.loads(CliRunner().invoke(main, base_args + ["--calibration", str(path)]).output)
+    assert cal["calibration"]["memory_factor"] == pytest.approx(1.5)
+    assert cal["tokens_per_second"] == pytest.approx(base["tokens_per_second"] / 2)
+    assert base["peak_memory_bytes"] < cal["peak_memory_bytes"] < 1.5 * base["peak_memory_bytes"]
+    r = CliRunner().invoke(main, ["plan", "-m", "meta-llama/Llama-3.1-8B", "--gpus", "1x1xH100-80GB",
+                                  "--quantization", "nf4", "--json", "--calibration", str(path)])
+    assert r.exit_code == 0, r.output
+    bad = CliRunner().invoke(main, ["plan", "-m", "meta-llama/Llama-3.1-8B", "--gpus", "H100-80GB",
+                                    "--calibration", str(tmp_path / "missing.json")])
+    assert bad.exit_code != 0 and "does not exist" in bad.output and "Traceback" not in bad.output

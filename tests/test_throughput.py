@@ -55,3 +55,20 @@ def test_orderings(llama):
     big = tokens_per_second(llama, l4, quantization="nf4", seq_len=256, micro_batch_size=8)
     assert big > small
     assert tokens_per_second(llama, t4, quantization="fp16", **kw) > 0
+
+
+def test_fp8_speedup_only_on_unsloth_fp8_path():
+    """The row-wise FP8 linear measured no faster than bf16 on an H200 (docs/gpu-measurements.md):
+    no FP8 speedup for fp8_path="rowwise", nor on cc 8.9 where that is the path the plan uses."""
+    from planner.hardware import lookup_gpu
+    from planner.model import load_model_spec
+
+    spec = load_model_spec("meta-llama/Llama-3.1-8B")
+    kw = dict(seq_len=2048, micro_batch_size=2)
+    h100 = lookup_gpu("H100-80GB")
+    bf16 = tokens_per_second(spec, h100, quantization="bf16", **kw)
+    assert tokens_per_second(spec, h100, quantization="fp8", **kw) > bf16
+    assert tokens_per_second(spec, h100, quantization="fp8", fp8_path="rowwise", **kw) == bf16
+    l4 = lookup_gpu("L4")
+    assert tokens_per_second(spec, l4, quantization="fp8", **kw) == \
+        tokens_per_second(spec, l4, quantization="bf16", **kw)
