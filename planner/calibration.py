@@ -39,6 +39,9 @@ CALIBRATION_VERSION = 1
 # A measured/predicted ratio outside this range means a broken measurement (or a broken model),
 # not something to plan with; validation refuses it rather than silently planning 10x off.
 RATIO_RANGE = (0.1, 10.0)
+# Throughput is wider: the FLOPs model ignores per-kernel overhead, and small models are bound by it
+# (the 2026-11-27 H200 run measured 0.039-0.09 of the prediction for Qwen2.5-0.5B; docs/planner.md).
+THROUGHPUT_RATIO_RANGE = (0.01, 100.0)
 
 
 class CalibrationError(PlanError):
@@ -83,9 +86,10 @@ class Measurement:
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 out.append(f"{name} must be a number >= 0, got {v!r}")
         if not out:
-            for what, ratio in (("memory", self.memory_ratio), ("throughput", self.throughput_ratio)):
-                if ratio is not None and not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
-                    out.append(f"measured/predicted {what} is {ratio:.3g}, outside {RATIO_RANGE}: "
+            for what, ratio, bounds in (("memory", self.memory_ratio, RATIO_RANGE),
+                                        ("throughput", self.throughput_ratio, THROUGHPUT_RATIO_RANGE)):
+                if ratio is not None and not bounds[0] <= ratio <= bounds[1]:
+                    out.append(f"measured/predicted {what} is {ratio:.3g}, outside {bounds}: "
                                "re-measure (or report a planner bug)")
         return out
 
