@@ -159,15 +159,30 @@ def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> 
     return True
 
 
-def check_worker_placement(selectors: Sequence[Mapping[str, str]], rank: int) -> None:
+def worker_placement_problem(selectors: Sequence[Mapping[str, str]] | None, rank: int,
+                             labels: Mapping[str, str]) -> str | None:
+    """Why a worker on a node with `labels` must not train as `rank` (None: it is where its plan
+    says, or the run pins no worker). `labels` include `ray.io/node-id`."""
+    if not selectors:
+        return None
+    if rank >= len(selectors):
+        return (f"rank {rank} has no placement: the run pins {len(selectors)} workers. Re-plan with "
+                f"`rayquant plan` so the plan and the worker count agree.")
+    if selector_matches(selectors[rank], labels):
+        return None
+    node = str(labels.get(NODE_ID_LABEL, "?"))[:12]
+    return (f"rank {rank} runs on node {node} (labels {dict(labels)}) but its plan places it at "
+            f"{dict(selectors[rank])}; Ray Train reordered the ranks or a node changed.\n"
+            f"To fix: re-plan with `rayquant plan` against the live cluster (`rayquant inventory`).")
+
+
+def check_worker_placement(selectors: Sequence[Mapping[str, str]] | None, rank: int) -> None:
     """Inside a Ray Train worker: refuse to train when this rank is not on the node its plan says."""
     import ray
 
     ctx = ray.get_runtime_context()
     labels = dict(ctx.get_node_labels())
     labels.setdefault(NODE_ID_LABEL, ctx.get_node_id())
-    if not selector_matches(selectors[rank], labels):
-        raise PlacementError(
-            f"rank {rank} runs on node {labels[NODE_ID_LABEL][:12]} (labels {labels}) but its plan "
-            f"places it at {dict(selectors[rank])}; Ray Train reordered the ranks or a node changed. "
-            f"Re-plan with `rayquant plan` against the live cluster (`rayquant inventory`).")
+    problem = worker_placement_problem(selectors, rank, labels)
+    if problem:
+        raise PlacementError(problem)

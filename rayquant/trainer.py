@@ -279,6 +279,8 @@ class RayQuantTrainer:
             "data_ref": ray.put(data.dataset), "sft": asdict(self.options.sft), "seq_len": plan.job.seq_len,
             "total_steps": total_steps, "global_batch_size": plan.global_batch_size,
             "world_size": plan.num_workers, "checkpoint_every_steps": run.checkpoint_every_steps, "env": env,
+            # Each worker re-checks that it landed where its selector says (rayquant.placement).
+            "label_selectors": scaling_kwargs.get("label_selector"),
             "fail_at_step": fail_at or None,
             "fail_rank": int(os.environ.get("RAYQUANT_FAIL_RANK", plan.num_workers - 1)),
             "fail_marker": str(run_dir / ".rayquant-fault-injected") if fail_at else None,

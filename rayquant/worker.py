@@ -285,6 +285,9 @@ def train_loop_per_worker(config: dict) -> None:
     if world != plan.num_workers:
         raise RuntimeError(f"Ray Train started {world} workers but the plan has {plan.num_workers}")
     assignment, node_plan = plan.for_rank(rank)
+    from rayquant.placement import check_worker_placement
+
+    check_worker_placement(config.get("label_selectors"), rank)  # before any weights load
     device = check_device(node_plan, rank)
     torch.manual_seed(config["sft"]["seed"])
 
@@ -333,7 +336,8 @@ def train_loop_per_worker(config: dict) -> None:
     peak, peak_source = peak_memory_bytes()
     stats = {
         "rank": rank, "node_type": assignment.node_type, "node_index": assignment.node_index,
-        "hostname": os.uname().nodename, "device": device, "load": load_info,
+        "hostname": os.uname().nodename, "node_id": ray.get_runtime_context().get_node_id(),
+        "device": device, "load": load_info,
         "optimizer_planned": node_plan.optimizer, "optimizer_used": optimizer_used,
         "micro_batch_size": node_plan.micro_batch_size,
         "gradient_accumulation_steps": node_plan.gradient_accumulation_steps,

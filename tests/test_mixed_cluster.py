@@ -115,8 +115,6 @@ def test_each_rank_used_its_node_types_settings_for_equal_steps(mixed):
 
 
 @pytest.mark.ray
-@pytest.mark.xfail(strict=False, reason="rayquant/worker.py does not record the Ray node id per rank "
-                                        "yet (stats['node_id'] = ray.get_runtime_context().get_node_id())")
 def test_each_rank_ran_on_the_node_its_plan_says(cluster, mixed):
     landed = [w.get("node_id") for w in mixed.manifest["workers"]]
     assert landed == [cluster["a"].node_id, cluster["b"].node_id]

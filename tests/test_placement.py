@@ -17,6 +17,7 @@ from rayquant.placement import (
     scaling_config_kwargs,
     selector_matches,
     worker_label_selectors,
+    worker_placement_problem,
 )
 
 GIB = 1024**3
@@ -164,3 +165,28 @@ def test_cpu_plans_reserve_no_gpu():
 ])
 def test_selector_matching_follows_ray_label_selector_syntax(selector, labels, expected):
     assert selector_matches(selector, labels) is expected
+
+
+def test_a_worker_on_its_planned_node_may_train():
+    selectors = worker_label_selectors(MIXED, cluster(), node_labels={})
+    assert worker_placement_problem(selectors, 0, {NODE_ID_LABEL: "h0"}) is None
+    assert worker_placement_problem(selectors, 19, {NODE_ID_LABEL: "a3", "other": "x"}) is None
+    by_type = [{NODE_TYPE_LABEL: "A10G-1"}]
+    assert worker_placement_problem(by_type, 0, {NODE_ID_LABEL: "n", NODE_TYPE_LABEL: "A10G-1"}) is None
+
+
+def test_a_worker_on_the_wrong_node_gets_a_clear_error():
+    selectors = worker_label_selectors(MIXED, cluster(), node_labels={})
+    problem = worker_placement_problem(selectors, 16, {NODE_ID_LABEL: "h1"})  # rank 16 belongs on a0
+    assert problem is not None
+    assert "rank 16 runs on node h1" in problem and "{'ray.io/node-id': 'a0'}" in problem
+    assert "To fix: re-plan with `rayquant plan`" in problem
+    wrong_type = worker_placement_problem([{NODE_TYPE_LABEL: "A10G-1"}], 0,
+                                          {NODE_ID_LABEL: "n", NODE_TYPE_LABEL: "H100-80GB-8"})
+    assert wrong_type is not None and "rayquant.io/node-type" in wrong_type
+    assert "rank 3 has no placement" in worker_placement_problem(selectors[:3], 3, {NODE_ID_LABEL: "h0"})
+
+
+def test_an_unpinned_run_checks_nothing():
+    assert worker_placement_problem(None, 0, {NODE_ID_LABEL: "x"}) is None
+    assert worker_placement_problem([], 1, {}) is None
