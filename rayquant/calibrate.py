@@ -153,7 +153,8 @@ def predict(case: CalibrationCase, spec, gpu, protected_bytes: int = 0) -> dict[
     tps = tokens_per_second(spec, gpu, quantization=case.quantization, seq_len=case.seq_len,
                             micro_batch_size=case.micro_batch_size, lora_rank=case.lora_rank,
                             lora_targets=JobSpec().lora_targets,
-                            gradient_checkpointing=case.gradient_checkpointing)
+                            gradient_checkpointing=case.gradient_checkpointing,
+                            fp8_path=case.fp8_path)
     return {"estimate": est, "predicted_peak_bytes": est.peak_bytes,
             "predicted_allocated_bytes": est.allocated_bytes,
             "predicted_breakdown_bytes": est.breakdown.as_dict(),
