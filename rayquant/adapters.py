@@ -103,6 +103,7 @@ def build_manifest(plan_dict: Mapping[str, Any], gathered: GatheredAdapters, ext
         workers.append({
             "rank": s["rank"], "node_type": s["node_type"], "hostname": s["hostname"],
             "node_id": s["node_id"], "device": s["device"],
+            "placement": s["placement"], "engine": s["engine"],
             "quantization": {"planned": s["load"]["quantization_planned"], "used": s["load"]["quantization_used"]},
             "optimizer": {"planned": s["optimizer_planned"], "used": s["optimizer_used"]},
             "micro_batch_size": s["micro_batch_size"],

@@ -42,7 +42,9 @@ def load_for_training(model_path: str, node_plan: NodePlan, job: JobSpec, *,
     """Return (peft model, tokenizer, info) for one worker.
 
     `device_map` is always a dict (module -> device): under DDP a string map makes Unsloth place
-    quantized weights on `cuda:<global rank>` and accelerate refuse the model.
+    quantized weights on `cuda:<global rank>` and accelerate refuse the model. ZeRO-3 node plans
+    ignore it (DeepSpeed places the shards); build the TrainingArguments with the DeepSpeed config
+    before calling this, so transformers loads the model the ZeRO-3 way.
     """
     if not isinstance(device_map, Mapping):
         raise TypeError(f"device_map must be a dict (module -> device), got {device_map!r}")
@@ -108,8 +110,19 @@ def _load_hf(model_path, node_plan, job, device_map, seed, protection, quant_inf
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     dtype = _dtype(node_plan.compute_dtype)
+    zero3 = node_plan.placement == "zero3"
     quant = None
-    if node_plan.quantization in _FOUR_BIT:
+    if zero3:
+        from rayquant.zero import bnb_config_kwargs
+
+        # NF4 packed into compute-dtype storage, so ZeRO-3 shards it like any 16-bit weight; and
+        # no device_map: transformers refuses one under ZeRO-3, DeepSpeed places the shards.
+        kwargs = bnb_config_kwargs(node_plan)
+        if kwargs is not None:
+            kwargs["llm_int8_skip_modules"] = ["lm_head", *(protection.protected if protection else ())]
+            quant = BitsAndBytesConfig(**kwargs)
+        device_map = None
+    elif node_plan.quantization in _FOUR_BIT:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_use_double_quant=node_plan.double_quant,
                                    bnb_4bit_compute_dtype=dtype,
@@ -121,9 +134,11 @@ def _load_hf(model_path, node_plan, job, device_map, seed, protection, quant_inf
                                                  quantization_config=quant)
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="right")
     use_ckpt = node_plan.gradient_checkpointing != "none"
-    if quant is not None:
+    if quant is not None and not zero3:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_ckpt)
     elif use_ckpt:
+        # Under ZeRO-3 too: prepare_model_for_kbit_training would upcast the 16-bit weights to
+        # fp32 beside the bf16-stored 4-bit ones (TRL skips it for sharded QLoRA as well).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     from rayquant.dynamic4bit import after_load

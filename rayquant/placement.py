@@ -125,8 +125,10 @@ def resources_per_worker(plan: TrainingPlan, cpus_per_worker: int = 1) -> dict[s
                            for p in plan.node_plans)
         raise PlacementError(
             f"Ray Train 2.60 reserves the same resources for every worker, but this plan's workers "
-            f"need different GPU counts ({detail}).\nTo fix: plan the node types in separate jobs, "
-            f"or pin placement to per-gpu for all of them.")
+            f"need different GPU counts ({detail}): one job cannot mix node-spanning and per-GPU "
+            f"workers.\nTo fix: train each node type in its own job (re-plan with only that type, "
+            f"e.g. `rayquant plan --gpus 2x8xH100-80GB`), or re-plan so one GPU holds a worker "
+            f"(`rayquant plan --quantization nf4`, a shorter --seq-len or a smaller micro-batch).")
     (is_cpu, gpus), = shapes
     resources: dict[str, float] = {"CPU": float(cpus_per_worker)}
     if not is_cpu:

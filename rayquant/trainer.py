@@ -243,6 +243,7 @@ class RayQuantTrainer:
         """Train on Ray and return the gathered adapter; data problems are raised before Ray starts."""
         data = self.prepare_data()
         plan = self.plan()
+        check_plan_runs(plan, self.options.scaling.cpus_per_worker)
         problems, total_steps = self._training_problems(plan, data.num_rows)
         if problems:
             raise ConfigError(problems, "training setup")
@@ -326,6 +327,17 @@ class RayQuantTrainer:
         from rayquant.inventory import discover_node_types
 
         return scaling_config_kwargs(plan, discover_node_types(self._ray_address()), cpus_per_worker=cpus)
+
+
+def check_plan_runs(plan: TrainingPlan, cpus_per_worker: int = 1) -> None:
+    """Refuse, before Ray starts, a plan that Ray Train or DeepSpeed cannot run as one job: ZeRO-3
+    node plans that cannot form one ZeRO group, or node types whose workers need different GPU
+    counts (Ray Train reserves one bundle shape for all workers). Raises PlanError with a fix."""
+    from rayquant.placement import resources_per_worker
+    from rayquant.zero import check_zero3_plan
+
+    check_zero3_plan(plan)
+    resources_per_worker(plan, cpus_per_worker)
 
 
 FINISHED_MARKER = "rayquant_finished.json"  # in the run dir: its final checkpoint holds adapters only

@@ -118,10 +118,17 @@ def _local_gather(tensor, *args, **kwargs):
     return tensor
 
 
-def sharded_trainer_class(base):
-    """`base` (TRL's SFTTrainer, as Unsloth patched it) reading a pre-cut per-rank shard in order."""
+def sharded_trainer_class(base, model_loss: bool = False):
+    """`base` (TRL's SFTTrainer, as Unsloth patched it) reading a pre-cut per-rank shard in order.
+
+    model_loss: take the loss from the model's own forward (transformers' Trainer.compute_loss, the
+    same token-sum over the step's all-reduced token count) instead of TRL's fused LM head, whose
+    Triton kernel (trl/kernels/chunked_logprob.py) has no CPU driver ("0 active drivers"). Unsloth
+    replaces TRL's loss itself, so only the hf backend on CPU needs this.
+    """
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import SequentialSampler
+    from transformers import Trainer
 
     class RankShardTrainer(base):
         def __init__(self, *args, **kwargs):
@@ -146,6 +153,12 @@ def sharded_trainer_class(base):
             # accumulation those collectives would pair up wrongly, so keep them rank-local.
             self.accelerator.gather_for_metrics = _local_gather
             try:
+                if model_loss:
+                    if model.training and "attention_mask" in inputs:  # TRL's num_tokens metric, rank-local
+                        self._total_train_tokens += int(inputs["attention_mask"].sum())
+                        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                    return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                                num_items_in_batch=num_items_in_batch)
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch, **kwargs)
             finally:
@@ -226,7 +239,13 @@ def _sft_args(config: dict, node_plan: NodePlan, out_dir: str, fmt: str):
 
     sft = config["sft"]
     every = config.get("checkpoint_every_steps")
-    return SFTConfig(
+    zero3 = {}
+    if node_plan.placement == "zero3":
+        from rayquant.zero import zero3_config
+
+        # DeepSpeed's engine replaces DDP; on CPU plans it runs on its CPU accelerator over gloo.
+        zero3 = {"deepspeed": zero3_config(node_plan), "use_cpu": node_plan.gpu == "CPU"}
+    return SFTConfig(**zero3,
         output_dir=out_dir, per_device_train_batch_size=node_plan.micro_batch_size,
         gradient_accumulation_steps=node_plan.gradient_accumulation_steps,
         max_steps=config["total_steps"], learning_rate=sft["learning_rate"],
@@ -244,18 +263,21 @@ def _sft_args(config: dict, node_plan: NodePlan, out_dir: str, fmt: str):
 
 
 def make_sft_trainer(model, tokenizer, train_dataset, node_plan: NodePlan, config: dict, out_dir: str,
-                     callbacks=()):
+                     callbacks=(), args=None):
     """TRL's SFTTrainer over this rank's shard with the plan's settings and optimizer; returns
-    (trainer, name of the optimizer class that runs). Also what the benchmark's direct run uses."""
+    (trainer, name of the optimizer class that runs). Also what the benchmark's direct run uses.
+    `args`: the SFTConfig when already built (ZeRO-3 builds it before loading), else built here."""
+    import torch
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
+    model_loss = node_plan.backend == "hf" and not torch.cuda.is_available()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, optimizer_used = build_optimizer(node_plan.optimizer, params, config["sft"]["learning_rate"],
                                                 config["sft"]["weight_decay"])
-    trainer = sharded_trainer_class(SFTTrainer)(
+    trainer = sharded_trainer_class(SFTTrainer, model_loss=model_loss)(
         model=model, processing_class=tokenizer, train_dataset=train_dataset,
-        args=_sft_args(config, node_plan, out_dir, config["format"]),
+        args=args if args is not None else _sft_args(config, node_plan, out_dir, config["format"]),
         optimizers=(optimizer, None), callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # the driver prints progress lines instead
     return trainer, optimizer_used
@@ -290,25 +312,36 @@ def train_loop_per_worker(config: dict) -> None:
     check_worker_placement(config.get("label_selectors"), rank)  # before any weights load
     device = check_device(node_plan, rank)
     torch.manual_seed(config["sft"]["seed"])
+    work = tempfile.mkdtemp(prefix=f"rayquant-rank{rank}-")
+    zero3 = node_plan.placement == "zero3"
+    args = None
+    if zero3:
+        if node_plan.gpu == "CPU":
+            # DeepSpeed picks CUDA whenever torch sees a GPU, even for a CPU plan.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Built before loading: the arguments hold transformers' ZeRO-3 config, which from_pretrained
+        # reads (the ZeRO-3 + QLoRA recipe's order).
+        args = _sft_args(config, node_plan, os.path.join(work, "hf"), config["format"])
 
     model, tokenizer, load_info = load_for_training(
         config["model_path"], node_plan, plan.job, device_map=device_map_for(node_plan),
         seed=config["sft"]["seed"])
 
-    # DDP broadcasts every parameter and buffer from rank 0 at wrap time; the frozen base differs
-    # between ranks with different quantization (and need not travel at all), so only the LoRA
-    # parameters are synchronized.
-    model._ddp_params_and_buffers_to_ignore = (
-        [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()])
+    if not zero3:
+        # DDP broadcasts every parameter and buffer from rank 0 at wrap time; the frozen base differs
+        # between ranks with different quantization (and need not travel at all), so only the LoRA
+        # parameters are synchronized.
+        model._ddp_params_and_buffers_to_ignore = (
+            [n for n, p in model.named_parameters() if not p.requires_grad]
+            + [n for n, _ in model.named_buffers()])
 
     data = ray.get(config["data_ref"])
     per_rank = [plan.for_rank(r)[1].samples_per_step for r in range(world)]
     shard = data.select(shard_indices(len(data), per_rank, rank))
 
     report, callbacks = _callbacks(config, rank, config["total_steps"], node_plan)
-    work = tempfile.mkdtemp(prefix=f"rayquant-rank{rank}-")
     trainer, optimizer_used = make_sft_trainer(model, tokenizer, shard, node_plan, config,
-                                               os.path.join(work, "hf"), callbacks)
+                                               os.path.join(work, "hf"), callbacks, args=args)
     checkpoint = ray.train.get_checkpoint()
     resumed_from = None
     t0 = time.perf_counter()
@@ -332,10 +365,18 @@ def train_loop_per_worker(config: dict) -> None:
 
     final_root = Path(work) / "result"
     final = final_root / "final" / f"rank_{rank}"
-    trainer.model.save_pretrained(str(final))
+    if zero3:
+        from rayquant.zero import gathered_trainable_state_dict
+
+        # Each rank holds a shard of every LoRA matrix: gather them so every rank saves the whole
+        # adapter and the driver's hash check compares full adapters.
+        trainer.model.save_pretrained(str(final), state_dict=gathered_trainable_state_dict(trainer.model))
+    else:
+        trainer.model.save_pretrained(str(final))
     peak, peak_source = peak_memory_bytes()
     stats = {
-        "rank": rank, "node_type": assignment.node_type, "node_index": assignment.node_index,
+        "rank": rank, "node_type": assignment.node_type, "placement": node_plan.placement,
+        "engine": type(trainer.model_wrapped).__name__, "node_index": assignment.node_index,
         "hostname": os.uname().nodename, "node_id": ray.get_runtime_context().get_node_id(),
         "device": device, "load": load_info,
         "optimizer_planned": node_plan.optimizer, "optimizer_used": optimizer_used,

@@ -10,7 +10,13 @@ recipe of PEFT's docs ("DeepSpeed" -> "Use PEFT QLoRA and DeepSpeed with ZeRO3",
 TrainingArguments).
 
 Unsloth does not support DeepSpeed, so ZeRO-3 plans use the `hf` backend (transformers + PEFT +
-bitsandbytes). Everything here is plain data; deepspeed itself is imported by transformers' Trainer.
+bitsandbytes). The plan checks and configs are plain data; deepspeed itself is imported by
+transformers' Trainer, and here only by `gathered_trainable_state_dict` (saving the adapter).
+
+In a Ray Train worker (rayquant.worker) a zero3 node plan means: the SFTConfig carries
+`deepspeed=zero3_config(node_plan)` and is built before the model loads; the base loads with
+`BitsAndBytesConfig(**bnb_config_kwargs(node_plan))` and no device_map; DDP's settings do not apply;
+every rank gathers the LoRA shards and saves the whole adapter, so the driver's hash check holds.
 """
 
 from __future__ import annotations
@@ -125,6 +131,23 @@ def zero3_config(node_plan: NodePlan, offload_optimizer: bool = False,
     if node_plan.optimizer in _BNB_OPTIMIZERS:
         config["zero_allow_untested_optimizer"] = True
     return config
+
+
+def gathered_trainable_state_dict(model) -> dict[str, Any]:
+    """The trainable (LoRA) parameters of a ZeRO-3 model, whole, on every rank, by parameter name.
+
+    ZeRO-3 leaves each rank a shard (`param.ds_tensor`) and an empty `param.data`, so PEFT's
+    `save_pretrained` would write empty tensors. Transformers' own `save_model` consolidates on rank
+    0 only; here every rank all-gathers the adapter (a collective: all ranks call it, parameters in
+    the same order; `modifier_rank=None` as nothing is written back), so each rank saves the full
+    adapter and the driver can check that the ranks' hashes agree. Pass the result to
+    `PeftModel.save_pretrained(dir, state_dict=...)`.
+    """
+    import deepspeed
+
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {name: p.detach().clone().cpu() for name, p in named}
 
 
 def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:

@@ -204,3 +204,41 @@ def test_progress_line():
 
     line = format_progress(5, 20, 1.23456, 1234.4, 10.0)
     assert line == "[rayquant] step 5/20 (25%)  loss 1.2346  tokens/s 1,234  ETA 0:00:30"
+
+
+def _gpu_node_plan(node_type: str, gpu: str, gpus_per_worker: int) -> NodePlan:
+    return dataclasses.replace(
+        hetero_plan().node_plans[0], node_type=node_type, gpu=gpu, gpus_per_node=gpus_per_worker,
+        gpus_per_worker=gpus_per_worker, placement="node-spanning" if gpus_per_worker > 1 else "per-gpu")
+
+
+def test_mixing_node_spanning_and_per_gpu_workers_is_refused_before_ray(tmp_path):
+    from planner.plan import PlanError
+    from rayquant.trainer import RayQuantTrainer
+
+    plan = dataclasses.replace(
+        hetero_plan(), node_plans=(_gpu_node_plan("A10G:4", "A10G", 4), _gpu_node_plan("H100-80GB:1", "H100-80GB", 1)),
+        workers=(WorkerAssignment(0, "A10G:4", 0, 0), WorkerAssignment(1, "H100-80GB:1", 0, 0)))
+    trainer = RayQuantTrainer(model="rayquant/tiny-llama", dataset=DATA, plan=plan,
+                              run={"storage_path": str(tmp_path / "runs")})
+    with pytest.raises(PlanError) as err:
+        trainer.fit()
+    msg = str(err.value)
+    assert "A10G:4: 4, H100-80GB:1: 1" in msg and "node-spanning and per-GPU" in msg
+    assert "To fix:" in msg and "--quantization nf4" in msg
+    assert not (tmp_path / "runs").exists()  # refused before Ray Train made the run's storage
+
+
+def test_a_zero3_plan_mixed_with_ddp_is_refused_before_ray(tmp_path):
+    from planner.plan import PlanError
+    from rayquant.trainer import RayQuantTrainer
+
+    plan = hetero_plan()
+    zero = dataclasses.replace(plan.node_plans[0], placement="zero3", backend="hf")
+    plan = dataclasses.replace(plan, node_plans=(zero, dataclasses.replace(plan.node_plans[1], backend="hf")))
+    trainer = RayQuantTrainer(model="rayquant/tiny-llama", dataset=DATA, plan=plan,
+                              run={"storage_path": str(tmp_path / "runs")})
+    with pytest.raises(PlanError, match="every node type of the plan must use placement zero3") as err:
+        trainer.fit()
+    assert "To fix: re-plan with `rayquant plan --backend hf`" in str(err.value)
+    assert not (tmp_path / "runs").exists()
