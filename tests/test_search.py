@@ -93,10 +93,29 @@ def test_thousand_node_inventory_is_grouped():
     plan = make_plan(LLAMA_8B, inventory, JobSpec(global_batch_size=9000))
     assert sum(p.nodes for p in plan.node_plans) == 1000
     assert plan.num_workers == 300 * 8 + 400 + 200 * 4 + 100 * 2
-    assert plan.global_batch_size == 9000 and not plan.warnings
-    # Worker counts 2400/400/800/200 only make multiples of 200: the nearest larger, with a warning.
+    assert plan.global_batch_size == 9000
+    # One sequence per step already makes the T4/L4/A10G workers pace the H100s: the plan says so.
+    assert len(plan.warnings) == 1 and "pace every step" in plan.warnings[0]
+    assert "A10G:1, L4:4, T4:2" in plan.warnings[0]
+    # Worker counts 2400/400/800/200 only make multiples of 200: the nearest larger is 8200, but it
+    # needs 4 sequences per A10G (3 per H100 would overshoot); 8600 keeps every slow worker at one.
     odd = make_plan(LLAMA_8B, inventory, JobSpec(global_batch_size=8192))
-    assert odd.global_batch_size == 8200 and "nearest larger" in odd.warnings[0]
+    assert "nearest larger batch is 8200" in odd.warnings[0]
+    assert odd.global_batch_size == 8600 and "the plan uses 8600" in odd.warnings[1]
+    assert [p.samples_per_step for p in odd.node_plans] == [3, 1, 1, 1]
+
+
+def test_shares_follow_speed_rather_than_an_exact_but_slow_split():
+    # 16 H100 + 4 A10G workers and 64 sequences split exactly only as 3 per H100 and 4 per A10G,
+    # which makes the slow workers take the most; 4 + 1 (68 sequences) is 4x faster per step.
+    plan = make_plan(LLAMA_8B, parse_gpu_spec("2x8xH100-80GB,4x1xA10G"), JobSpec(global_batch_size=64))
+    h100, a10g = plan.node_plans
+    assert a10g.samples_per_step < h100.samples_per_step
+    assert plan.global_batch_size == 68 and "speed's share" in plan.warnings[0]
+    assert any("without A10G:1" in w for w in plan.warnings)
+    # A batch that splits well in proportion to speed is kept as asked, with no warning.
+    big = make_plan(LLAMA_8B, parse_gpu_spec("2x8xH100-80GB,4x1xA10G"), JobSpec(global_batch_size=516))
+    assert big.global_batch_size == 516 and not big.warnings
 
 
 # -- properties ----------------------------------------------------------------------------------
