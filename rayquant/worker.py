@@ -11,6 +11,12 @@ Heterogeneous DDP (ranks with different micro-batch x accumulation) stays correc
   gradients is the token mean over the whole global batch (Trainer.compute_loss);
 - per-micro-batch collectives would pair up wrongly when ranks take different numbers of
   micro-steps, so TRL's metric gathers run rank-locally and DDP does not broadcast buffers.
+
+ZeRO-3 node plans (rayquant.zero) take DeepSpeed's engine instead of DDP: the SFTConfig with the
+DeepSpeed config is built before the model loads, the ranks share one micro-batch x accumulation,
+and every rank all-gathers the LoRA shards before saving, so all ranks hold the same whole adapter.
+Checkpoints carry every rank's ZeRO shard (Ray merges the ranks' directories), so a restarted
+worker group resumes from them as DDP runs do.
 """
 
 from __future__ import annotations
