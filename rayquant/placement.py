@@ -49,19 +49,37 @@ def rank_order_problems(plan: TrainingPlan) -> list[str]:
     return []
 
 
-def _by_key(node_types) -> dict[str, Any]:
-    return {nt.key: nt for nt in node_types}
+def match_node_types(plan: TrainingPlan, node_types) -> dict[str, Any]:
+    """Plan node type -> the cluster's node type that hosts it: the same key, else nodes of the
+    same GPU with at least as many GPUs (CPUs for the CPU pseudo-device) per node, so a plan made
+    for `A10G:1` runs on 4-GPU A10G nodes and one for `CPU:2` on a node with 8 CPUs. Each cluster
+    node type hosts at most one plan node type; unmatched plan types are left out."""
+    available = {nt.key: nt for nt in node_types}
+    matched: dict[str, Any] = {}
+    for p in plan.node_plans:
+        if p.node_type in available and available[p.node_type].count >= p.nodes:
+            matched[p.node_type] = available.pop(p.node_type)
+    for p in plan.node_plans:
+        if p.node_type in matched:
+            continue
+        fits = [nt for nt in available.values() if nt.gpu.name == p.gpu
+                and nt.gpus_per_node >= p.gpus_per_node and nt.count >= p.nodes]
+        if fits:
+            best = min(fits, key=lambda nt: (nt.gpus_per_node, nt.key))
+            matched[p.node_type] = available.pop(best.key)
+    return matched
 
 
 def check_cluster_can_host(plan: TrainingPlan, node_types, cpus_per_worker: int = 1) -> None:
     """Raise PlacementError naming everything the cluster lacks for this plan (all at once)."""
-    available = _by_key(node_types)
+    available = match_node_types(plan, node_types)
     problems = []
     for p in plan.node_plans:
         nt = available.get(p.node_type)
-        have = nt.count if nt is not None else 0
-        if have < p.nodes:
-            others = ", ".join(f"{k} x{v.count}" for k, v in available.items()) or "nothing"
+        have = nt.count if nt is not None else sum(
+            x.count for x in node_types if x.key == p.node_type)
+        if nt is None:
+            others = ", ".join(f"{x.key} x{x.count}" for x in node_types) or "nothing"
             problems.append(
                 f"plan needs {p.nodes} node{'s' * (p.nodes != 1)} of {p.node_type}, cluster has {have} "
                 f"(it has: {others}) — a node went away since planning, or the plan is for another "
@@ -98,7 +116,7 @@ def worker_label_selectors(plan: TrainingPlan, node_types,
     `node_types` is the cluster's inventory (rayquant.inventory); `node_labels` maps node id -> labels
     (None: read from the connected Ray cluster). Call `check_cluster_can_host` first.
     """
-    available = _by_key(node_types)
+    available = match_node_types(plan, node_types)
     labels = _live_node_labels() if node_labels is None else node_labels
     selectors = []
     for w in plan.workers:

@@ -190,3 +190,24 @@ def test_a_worker_on_the_wrong_node_gets_a_clear_error():
 def test_an_unpinned_run_checks_nothing():
     assert worker_placement_problem(None, 0, {NODE_ID_LABEL: "x"}) is None
     assert worker_placement_problem([], 1, {}) is None
+
+
+def test_bigger_nodes_of_the_same_gpu_host_a_plan_made_for_smaller_ones():
+    from planner.hardware import cpu_device
+    from rayquant.placement import match_node_types
+
+    # A plan for 1-GPU A10G nodes runs on 4-GPU A10G nodes (by node id), and one made for a
+    # 1-slot CPU node (a KubeRay pod, say) on a node where Ray counts 3 CPUs.
+    a10g_plan = plan_of(node_plan("A10G:1", "A10G", 2, 1))
+    quad = (NodeType(A10G, 4, 2, node_ids=("q0", "q1")),)
+    check_cluster_can_host(a10g_plan, quad)
+    assert worker_label_selectors(a10g_plan, quad, node_labels={}) == [
+        {NODE_ID_LABEL: "q0"}, {NODE_ID_LABEL: "q1"}]
+    cpu_plan = plan_of(node_plan("CPU:1", "CPU", 1, 1))
+    check_cluster_can_host(cpu_plan, (NodeType(cpu_device(8 * GIB), 3, 1, node_ids=("c0",)),))
+    # An exact match is preferred over a bigger node, and one node type hosts one plan type.
+    both = (NodeType(A10G, 4, 2, node_ids=("q0", "q1")), NodeType(A10G, 1, 2, node_ids=("a0", "a1")))
+    assert match_node_types(a10g_plan, both)["A10G:1"].gpus_per_node == 1
+    # Fewer GPUs per node than planned, or too few nodes, still cannot host it.
+    with pytest.raises(PlacementError, match="plan needs 2 nodes of H100-80GB:8"):
+        check_cluster_can_host(MIXED, (NodeType(H100, 4, 2), NodeType(A10G, 1, 4)))
