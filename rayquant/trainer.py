@@ -356,7 +356,10 @@ def _train_loop(config: dict) -> None:
     from rayquant.worker import train_loop_per_worker
 
     # Ray Train logs every report at INFO on every rank, which drowns the driver's progress lines.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    # Its logger is named after the module's file (ray 2.60: logging.getLogger(__file__)).
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
     config = dict(config, model_path=resolve_model(config["model"]))
     train_loop_per_worker(config)
