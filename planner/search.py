@@ -369,7 +369,11 @@ def _reasons(model: ModelSpec, ts: _TypeSearch, cfg: _Config, job: JobSpec, accu
     gpu = ts.node_type.gpu
     q = cfg.quantization
     r: dict[str, str] = {}
-    if q == "fp8":
+    if job.quantization:
+        r["quantization"] = f"pinned to {q}" + (
+            f" (FP8 via {'Unsloth load_in_fp8' if _fp8_path(gpu) == 'unsloth' else 'rayquant row-wise FP8 linear'})"
+            if q == "fp8" else "")
+    elif q == "fp8":
         path = _fp8_path(gpu)
         r["quantization"] = (f"FP8 on compute capability {gpu.compute_capability_str} via " + (
             "Unsloth load_in_fp8" if path == "unsloth" else
@@ -387,7 +391,7 @@ def _reasons(model: ModelSpec, ts: _TypeSearch, cfg: _Config, job: JobSpec, accu
                              "within the spare memory)" + (f": {', '.join(others)} does not fit or is slower"
                                                            if others else ""))
     else:
-        r["quantization"] = f"{q}"
+        r["quantization"] = f"{q}: 4-bit NF4 weights as stored"
     if ts.notes.get("quantization"):
         r["quantization"] = ts.notes["quantization"] + "; " + r["quantization"]
     r["micro_batch_size"] = (f"pinned to {cfg.micro_batch}" if job.micro_batch_size else
