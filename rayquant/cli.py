@@ -282,20 +282,9 @@ def _split_targets(text: str) -> tuple[str, ...]:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and os.replace."""
-    import os
-    import tempfile
+    from planner.atomic import write_atomically
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".rayquant-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, text)
 
 
 def _read_inventory(path: str):
@@ -376,20 +365,12 @@ def _plot_plan(plan, path: str) -> None:
     ax.set_title(f"{plan.model}: predicted peak memory per worker")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    import os
-    import tempfile
+    from planner.atomic import write_atomically
 
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".rayquant-", suffix=suffix,
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        write_atomically(path, write=fig.savefig)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @main.command("plan")

@@ -21,10 +21,10 @@ import math
 import os
 import re
 import shlex
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from planner.atomic import write_atomically
 from planner.hardware import GIB, GpuSpec, lookup_gpu
 from planner.plan import NodePlan, PlanError, TrainingPlan
 # The Ray node label workers are pinned by, and its value per node type: one definition, shared
@@ -580,20 +580,7 @@ def dump_yaml(docs: list[dict]) -> str:
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same directory and a rename."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, text)
 
 
 def manifest_summary(docs: list[dict]) -> dict[str, Any]:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Mapping
 
+from planner.atomic import write_atomically
 from planner.plan import NodePlan, PlanError, TrainingPlan
 
 # Quantizations ZeRO-3 can shard: 16-bit weights, and NF4 packed into 16-bit storage. FP8 weights
@@ -152,15 +152,4 @@ def gathered_trainable_state_dict(model) -> dict[str, Any]:
 
 def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Write JSON so a crash leaves either the old file or the new one, never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, json.dumps(data, indent=2))

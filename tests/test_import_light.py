@@ -20,3 +20,19 @@ def test_import_planner_is_light():
 
 def test_cli_module_is_light():
     assert _loaded("import rayquant.cli") == []
+
+
+def test_atomic_outputs_get_the_umask_permissions_not_private_ones(tmp_path):
+    # Temporary files start 0600; a plan or manifest on shared storage must be readable like any file.
+    import os
+
+    from planner.atomic import write_atomically
+
+    old = os.umask(0o022)
+    try:
+        path = write_atomically(tmp_path / "sub" / "plan.json", '{"a": 1}')
+        again = write_atomically(path, b"{}")
+    finally:
+        os.umask(old)
+    assert again.read_text() == "{}" and oct(path.stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temporary file left
