@@ -120,6 +120,9 @@ def random_checkpoint(model: str, out_dir: str | os.PathLike, device: str = "cpu
     gc.collect()
     if device != "cpu":
         torch.cuda.empty_cache()
+    from planner.atomic import publish_mode
+
+    publish_mode(tmp)
     os.replace(tmp, out)
     return out
 

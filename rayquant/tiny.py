@@ -133,6 +133,9 @@ def make_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int =
     model.save_pretrained(str(tmp), safe_serialization=True)
     with open(tmp / "rayquant_tiny.json", "w", encoding="utf-8") as f:
         json.dump({"arch": arch, "seed": seed, "note": "random weights, built offline"}, f)
+    from planner.atomic import publish_mode
+
+    publish_mode(tmp)
     try:
         os.replace(tmp, out)
     except OSError:  # another process finished first: keep theirs

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from planner.atomic import write_atomically
 from planner.plan import JobSpec, TrainingPlan
 from rayquant.config import ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, coerce_options
 
@@ -310,7 +311,8 @@ class RayQuantTrainer:
                         "ray_address": self._ray_address() or "local"},
                 "sft": asdict(self.options.sft)})
             adapter_dir = write_atomically(gathered.adapter_dir, manifest, dest)
-        _write_json_atomically(run_dir / FINISHED_MARKER, {"adapter_dir": str(adapter_dir), "steps": total_steps})
+        write_atomically(run_dir / FINISHED_MARKER,
+                         json.dumps({"adapter_dir": str(adapter_dir), "steps": total_steps}, indent=2))
         metrics = dict(result.metrics or {}, fit_wall_s=wall_s)
         print(f"[rayquant] adapter written to {adapter_dir}", flush=True)
         return TrainResult(adapter_dir=adapter_dir, manifest=manifest, metrics=metrics, plan=plan,
@@ -341,12 +343,6 @@ def check_plan_runs(plan: TrainingPlan, cpus_per_worker: int = 1) -> None:
 
 
 FINISHED_MARKER = "rayquant_finished.json"  # in the run dir: its final checkpoint holds adapters only
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _train_loop(config: dict) -> None:
