@@ -98,8 +98,8 @@ def test_parquet_and_unsupported_files(tmp_path):
     (tmp_path / "d.csv").write_text("text\na\n")
     with pytest.raises(DatasetError, match="unsupported extension"):
         load_rows(str(tmp_path / "d.csv"))
-    (tmp_path / "broken.jsonl").write_text("{not json\n")
-    with pytest.raises(DatasetError, match="could not be read"):
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{not json\n')
+    with pytest.raises(DatasetError, match="line 2 is not valid JSON"):
         load_rows(str(tmp_path / "broken.jsonl"))
 
 
