@@ -179,7 +179,9 @@ def detect_format(columns: Sequence[str], requested: str = "auto", text_field: s
 
 
 def _got(value: Any) -> str:
-    return "the field is missing" if value is _MISSING else f"got {value!r:.80}"
+    # Arrow-backed sources (files, datasets.Dataset) fill a missing field with null, so the two read
+    # the same whatever the source.
+    return "the field is missing or null" if value is _MISSING or value is None else f"got {value!r:.80}"
 
 
 def _row_problems(i: int, row: dict, fmt: str, text_field: str) -> list[str]:

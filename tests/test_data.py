@@ -47,7 +47,7 @@ def test_bad_rows_are_all_reported_with_row_field_and_expectation(tmp_path):
     text = str(e.value)
     assert "3 problems" in text
     assert "row 1: field 'instruction': expected a non-empty string" in text
-    assert "row 2: field 'output': expected a non-empty string, got None" in text
+    assert "row 2: field 'output': expected a non-empty string, the field is missing or null" in text
     assert "row 2: field 'input': expected a string or null, got 3" in text
     assert "To fix" in text
 
@@ -115,3 +115,162 @@ def test_fit_reports_bad_rows_before_any_worker_starts(tmp_path):
         trainer.fit()
     if not ray_was_up:
         assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+# -- every source gives the trainer the same rows ---------------------------------------------------
+
+ROWS = {
+    "text": [{"text": f"the {w} model learns", "id": i} for i, w in enumerate(["cat", "dog", "sun", "moon"])],
+    "alpaca": [{"instruction": "how many", "input": "sun sun", "output": "two"},
+               {"instruction": "which one is the cat", "input": None, "output": "cat"},
+               {"instruction": "what colour is the red apple", "input": "", "output": "the apple is red"}],
+    # extra keys (a turn's name, a row id) are dropped, not carried into every turn as None
+    "messages": [{"id": 0, "messages": [{"role": "system", "content": "be brief", "name": "sys"},
+                                        {"role": "user", "content": "how many sun"},
+                                        {"role": "assistant", "content": "one"}]},
+                 {"id": 1, "messages": [{"role": "user", "content": "which one is the dog"},
+                                        {"role": "assistant", "content": "dog"},
+                                        {"role": "user", "content": "and the cat"},
+                                        {"role": "assistant", "content": "cat"}]}],
+}
+
+
+def _write_source(kind: str, rows: list[dict], tmp_path):
+    """`rows` as the dataset kind a user would pass."""
+    import datasets
+
+    if kind == "list":
+        return rows
+    if kind == "hf":
+        return datasets.Dataset.from_list(rows)
+    if kind == "jsonl":
+        return _write_jsonl(tmp_path / "d.jsonl", rows)
+    if kind == "json":
+        (tmp_path / "d.json").write_text(json.dumps(rows, indent=1))
+        return str(tmp_path / "d.json")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    return str(tmp_path / "d.parquet")
+
+
+def _expected(fmt: str, rows: list[dict]) -> list[dict]:
+    """What TRL should receive, written out from the row contract (not through rayquant.data)."""
+    if fmt == "text":
+        return [{"text": r["text"]} for r in rows]
+    if fmt == "messages":
+        return [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
+                for r in rows]
+    out = []
+    for r in rows:
+        prompt = f"### Instruction:\n{r['instruction']}\n\n"
+        if r.get("input"):
+            prompt += f"### Input:\n{r['input']}\n\n"
+        out.append({"prompt": prompt + "### Response:\n", "completion": r["output"]})
+    return out
+
+
+SOURCE_KINDS = ("list", "hf", "jsonl", "json", "parquet")
+
+
+@pytest.mark.parametrize("fmt", sorted(ROWS))
+def test_every_source_gives_the_same_rows(fmt, tmp_path):
+    expected = _expected(fmt, ROWS[fmt])
+    shuffled = None
+    for kind in SOURCE_KINDS:
+        src = _write_source(kind, ROWS[fmt], tmp_path)
+        unshuffled = prepare(src, shuffle_seed=None)
+        assert unshuffled.format == fmt and unshuffled.num_rows == len(expected), kind
+        assert unshuffled.dataset.to_list() == expected, kind
+        # the order the ranks' shards are cut from is the same whatever the source
+        rows = prepare(src, shuffle_seed=3).dataset.to_list()
+        assert sorted(map(json.dumps, rows)) == sorted(map(json.dumps, expected)), kind
+        shuffled = rows if shuffled is None else shuffled
+        assert rows == shuffled, kind
+
+
+# Bad rows each typed source can hold (Parquet and datasets.Dataset columns have one type).
+BAD_TYPED = {
+    "text": ([{"text": "ok"}, {"text": ""}, {"text": None}],
+             ["row 1: field 'text': expected a non-empty string, got ''",
+              "row 2: field 'text': expected a non-empty string, the field is missing or null"]),
+    "alpaca": ([{"instruction": "a", "input": "", "output": "b"}, {"instruction": " ", "input": "", "output": None}],
+               ["row 1: field 'instruction': expected a non-empty string, got ' '",
+                "row 1: field 'output': expected a non-empty string, the field is missing or null"]),
+    "messages": ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                  {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": ""}]},
+                  {"messages": []}],
+                 ["row 1: field 'messages[0].role': expected one of system, user, assistant, tool, got 'bot'",
+                  "row 1: field 'messages': expected at least one assistant turn with non-empty content",
+                  "row 2: field 'messages': expected a non-empty list of {role, content} turns, got []"]),
+}
+# Bad rows only untyped sources can hold: a field whose type changes from row to row (Arrow would
+# refuse the column; the user must hear the row instead).
+BAD_MIXED = {
+    "text": ([{"text": "ok"}, {"text": 7}, {"body": "x"}],
+             ["row 1: field 'text': expected a non-empty string, got 7",
+              "row 2: field 'text': expected a non-empty string, the field is missing or null"]),
+    "alpaca": ([{"instruction": "a", "input": 3, "output": "b"}, {"instruction": ["a"], "output": "b"}],
+               ["row 0: field 'input': expected a string or null, got 3",
+                "row 1: field 'instruction': expected a non-empty string, got ['a']"]),
+    "messages": ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                  {"messages": "hello"},
+                  {"messages": [{"role": "user", "content": 5}, {"content": "x"}, "assistant: hi"]}],
+                 ["row 1: field 'messages': expected a non-empty list of {role, content} turns, got 'hello'",
+                  "row 2: field 'messages[0].content': expected a string, got 5",
+                  "row 2: field 'messages[1].role': expected one of system, user, assistant, tool, "
+                  "the field is missing or null",
+                  "row 2: field 'messages[2]': expected a {role, content} mapping, got 'assistant: hi'",
+                  "row 2: field 'messages': expected at least one assistant turn"]),
+}
+
+
+def _problems(src, fmt) -> list[str]:
+    with pytest.raises(DatasetError) as e:
+        prepare(src, fmt=fmt)
+    assert "To fix" in str(e.value) and "Traceback" not in str(e.value)
+    return e.value.problems
+
+
+@pytest.mark.parametrize("fmt", sorted(BAD_TYPED))
+def test_bad_rows_give_the_same_error_from_every_source(fmt, tmp_path):
+    for table, kinds in ((BAD_TYPED, SOURCE_KINDS), (BAD_MIXED, ("list", "jsonl", "json"))):
+        rows, want = table[fmt]
+        for kind in kinds:
+            got = _problems(_write_source(kind, rows, tmp_path), fmt)
+            assert len(got) == len(want), (kind, got)
+            for g, w in zip(got, want):
+                assert g.startswith(w), (kind, g, w)
+
+
+def test_file_and_source_errors_say_what_and_how_to_fix(tmp_path):
+    import datasets
+
+    cases = {}
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    cases[str(tmp_path / "empty.jsonl")] = "the dataset is empty"
+    (tmp_path / "empty.json").write_text("[]")
+    cases[str(tmp_path / "empty.json")] = "the dataset is empty"
+    datasets.Dataset.from_dict({"text": []}).to_parquet(str(tmp_path / "empty.parquet"))
+    cases[str(tmp_path / "empty.parquet")] = "the dataset is empty"
+    cases[str(tmp_path / "missing.jsonl")] = "the file does not exist"
+    (tmp_path / "dir.jsonl").mkdir()
+    cases[str(tmp_path / "dir.jsonl")] = "the path is not a file"
+    (tmp_path / "d.txt").write_text("hello\n")
+    cases[str(tmp_path / "d.txt")] = "unsupported extension '.txt'; use .json, .jsonl or .parquet"
+    (tmp_path / "broken.json").write_text('[{"text": "a"},\n {"text": }]')
+    cases[str(tmp_path / "broken.json")] = "not valid JSON at line 2, column 11"
+    (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n["b"]\n')
+    cases[str(tmp_path / "rows.jsonl")] = "line 2 is a JSON list, expected an object"
+    (tmp_path / "not.parquet").write_text("hello")
+    cases[str(tmp_path / "not.parquet")] = "could not be read as parquet"
+    for src, needle in cases.items():
+        with pytest.raises(DatasetError) as e:
+            prepare(src)
+        assert needle in str(e.value) and str(e.value).startswith(f"{src} has 1 problem"), str(e.value)
+        assert "To fix: " in str(e.value)
+    for src, needle in (([], "the dataset is empty"), (datasets.Dataset.from_dict({"text": []}), "empty"),
+                        ([{"text": "a"}, "b"], "row 1: expected a mapping of fields"),
+                        ({"text": "a"}, "unsupported dataset type dict"),
+                        (datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": "a"}])}),
+                         "no 'train'")):
+        with pytest.raises(DatasetError, match=needle):
+            prepare(src)
