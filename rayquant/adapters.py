@@ -96,6 +96,27 @@ def versions() -> dict[str, str]:
     return out
 
 
+# What the loader reports about the scheme it applied (rayquant.loading / fp8.after_load /
+# dynamic4bit.after_load); a key absent from a worker's load info did not apply to its scheme.
+_QUANTIZATION_DETAILS = ("linear4bit_modules", "fp8_path", "fp8_modules", "fp8_weight_bytes",
+                         "protected_modules", "protected_cost_bytes", "protected_budget_bytes",
+                         "protected_weight_bytes", "protected_restored_after_load", "candidates")
+
+
+def quantization_record(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """One worker's quantization for the manifest: planned and used scheme, the scheme's details
+    (FP8 modules and bytes; dynamic 4-bit's protected modules, why each, their cost and budget) and
+    the quantized layers its base still held when training ended."""
+    load = stats["load"]
+    record = {"planned": load["quantization_planned"], "used": load["quantization_used"]}
+    record.update({k: load[k] for k in _QUANTIZATION_DETAILS if k in load})
+    if "reasons" in load:
+        record["protected_reasons"] = load["reasons"]
+    if "quantized_modules_after_training" in stats:
+        record["modules_after_training"] = stats["quantized_modules_after_training"]
+    return record
+
+
 def build_manifest(plan_dict: Mapping[str, Any], gathered: GatheredAdapters, extra: Mapping[str, Any]) -> dict:
     """The manifest: the plan; per worker, measured next to predicted; loss summary; versions; hashes."""
     workers = []
@@ -104,7 +125,7 @@ def build_manifest(plan_dict: Mapping[str, Any], gathered: GatheredAdapters, ext
             "rank": s["rank"], "node_type": s["node_type"], "hostname": s["hostname"],
             "node_id": s["node_id"], "device": s["device"],
             "placement": s["placement"], "engine": s["engine"],
-            "quantization": {"planned": s["load"]["quantization_planned"], "used": s["load"]["quantization_used"]},
+            "quantization": quantization_record(s),
             "optimizer": {"planned": s["optimizer_planned"], "used": s["optimizer_used"]},
             "micro_batch_size": s["micro_batch_size"],
             "gradient_accumulation_steps": s["gradient_accumulation_steps"],
@@ -114,6 +135,7 @@ def build_manifest(plan_dict: Mapping[str, Any], gathered: GatheredAdapters, ext
             "tokens_per_s": {"measured": s["tokens_per_s"], "predicted": s["predicted_tokens_per_s"]},
             "train_s": s["train_s"],
             "trainable_parameters": s["load"]["trainable_parameters"],
+            "adapter_dtype": s["adapter_dtype"],
             "adapter_sha256": s["adapter_sha256"],
         })
     return {"format": 1, "plan": dict(plan_dict), "adapter_sha256": gathered.sha256, "workers": workers,

@@ -37,6 +37,20 @@ def describe_loaded(model) -> dict[str, Any]:
     }
 
 
+def quantized_module_counts(model) -> dict[str, int]:
+    """How many base linears of `model` are NF4 (bitsandbytes Linear4bit) and row-wise FP8 now.
+
+    The worker records it after training as well as after loading: the scheme each rank trained
+    with, not only the one it loaded (a fallback or a wrapper that swapped layers would show here).
+    """
+    import bitsandbytes as bnb
+
+    from rayquant.fp8 import Fp8RowwiseLinear
+
+    return {"linear4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
+            "fp8_rowwise": sum(isinstance(m, Fp8RowwiseLinear) for m in model.modules())}
+
+
 def load_for_training(model_path: str, node_plan: NodePlan, job: JobSpec, *,
                       device_map: Mapping[str, Any], seed: int = 0):
     """Return (peft model, tokenizer, info) for one worker.

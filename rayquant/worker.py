@@ -12,6 +12,10 @@ Heterogeneous DDP (ranks with different micro-batch x accumulation) stays correc
 - per-micro-batch collectives would pair up wrongly when ranks take different numbers of
   micro-steps, so TRL's metric gathers run rank-locally and DDP does not broadcast buffers.
 
+Ranks may also load different bases (FP8 on one node type, dynamic 4-bit on another): DDP ignores
+every frozen parameter and buffer, so only the LoRA parameters are broadcast and all-reduced, and
+every rank keeps them in fp32 (keep_adapters_fp32) so their buffers match whatever the base.
+
 ZeRO-3 node plans (rayquant.zero) take DeepSpeed's engine instead of DDP: the SFTConfig with the
 DeepSpeed config is built before the model loads, the ranks share one micro-batch x accumulation,
 and every rank all-gathers the LoRA shards before saving, so all ranks hold the same whole adapter.
@@ -286,7 +290,29 @@ def make_sft_trainer(model, tokenizer, train_dataset, node_plan: NodePlan, confi
         args=args if args is not None else _sft_args(config, node_plan, out_dir, config["format"]),
         optimizers=(optimizer, None), callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # the driver prints progress lines instead
+    if node_plan.placement != "zero3":
+        keep_adapters_fp32(params)
     return trainer, optimizer_used
+
+
+def keep_adapters_fp32(params) -> None:
+    """Undo TRL's downcast of the adapters of a 4-bit base to bf16 (SFTTrainer.__init__ does it for
+    any `is_loaded_in_4bit` model, the QLoRA recipe) so that every rank trains fp32 adapters.
+
+    Under heterogeneous DDP an NF4 rank and an FP8 (16-bit loaded) rank must hold the LoRA
+    parameters in one dtype: DDP broadcasts and all-reduces them as flat buffers, and a bf16 buffer
+    against an fp32 one is a size mismatch in gloo/NCCL. fp32 is PEFT's own adapter dtype
+    (autocast_adapter_dtype) and what planner.memory counts (`_ADAPTER_BYTES = 4`); PEFT casts each
+    LoRA layer's input to the adapters' dtype and its output back to the base's (peft/tuners/lora/
+    layer.py and bnb.py, `_cast_input_dtype`), so the base's compute dtype is unchanged. Parameters
+    are changed in place, so the optimizer built before the trainer keeps them. ZeRO-3 plans are left
+    alone: DeepSpeed's engine holds the parameters in its own precision.
+    """
+    import torch
+
+    for p in params:
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -306,7 +332,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from rayquant.adapters import adapter_sha256
     from rayquant.data import shard_indices
-    from rayquant.loading import load_for_training
+    from rayquant.loading import load_for_training, quantized_module_counts
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -385,6 +411,11 @@ def train_loop_per_worker(config: dict) -> None:
         "engine": type(trainer.model_wrapped).__name__, "node_index": assignment.node_index,
         "hostname": os.uname().nodename, "node_id": ray.get_runtime_context().get_node_id(),
         "device": device, "load": load_info,
+        # Ranks of one DDP job may train on differently quantized bases (FP8 here, NF4 there): what
+        # this rank's base held when training ended, next to what it loaded.
+        "quantized_modules_after_training": quantized_module_counts(trainer.model),
+        "adapter_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))
+        .removeprefix("torch."),
         "optimizer_planned": node_plan.optimizer, "optimizer_used": optimizer_used,
         "micro_batch_size": node_plan.micro_batch_size,
         "gradient_accumulation_steps": node_plan.gradient_accumulation_steps,

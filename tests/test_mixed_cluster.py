@@ -155,6 +155,101 @@ def test_unequal_micro_batches_give_the_single_worker_adapter(mixed, reference):
     assert abs(ref_loss["last_fifth_mean"] - got_loss["last_fifth_mean"]) < 0.05 * ref_loss["last_fifth_mean"]
 
 
+# -- heterogeneous quantization: an FP8 base and a dynamic 4-bit base all-reduce one adapter ----
+# (after the Ray-state test above, which counts the mixed run's workers per node, and before the
+# node-loss test below, which removes node B)
+PROTECTED = 3  # modules rank 1 keeps 16-bit: the budget below buys exactly the first three
+
+
+@pytest.fixture(scope="module")
+def protection(cluster):
+    """The dynamic 4-bit budget and the protection it buys, computed by rayquant.dynamic4bit on the
+    very checkpoint the workers load (the tiny model built into this cluster's cache)."""
+    from rayquant.dynamic4bit import measure_errors_from_checkpoint, protect_cost_bytes, select_protected
+    from rayquant.trainer import resolve_model
+
+    model_dir = resolve_model("rayquant/tiny-llama")
+    errors = measure_errors_from_checkpoint(model_dir, device="cpu")
+    numel = {e.name: e.numel for e in errors}
+    order = select_protected(errors, 2**40).protected  # every module, in the order they are protected
+    budget = sum(protect_cost_bytes(numel[n]) for n in order[:PROTECTED])
+    return {"dir": model_dir, "errors": errors, "budget": budget,
+            "expected": select_protected(errors, budget)}
+
+
+@pytest.fixture(scope="module")
+def hetero(cluster, protection):
+    """Rank 0 on node A with a row-wise FP8 base, rank 1 on node B with dynamic 4-bit, one DDP job."""
+    fp8_plan, d4_plan = MIXED.node_plans
+    plan = dataclasses.replace(
+        MIXED, job=dataclasses.replace(JOB, quantization=None),
+        node_plans=(dataclasses.replace(fp8_plan, quantization="fp8", fp8_path="rowwise"),
+                    dataclasses.replace(d4_plan, quantization="dynamic-4bit",
+                                        protected_budget_bytes=protection["budget"])))
+    return _fit(cluster, plan, "hetero-quant")
+
+
+@pytest.mark.ray
+def test_fp8_and_dynamic_4bit_ranks_train_one_adapter(hetero, protection):
+    from safetensors import safe_open
+
+    fp8_rank, d4_rank = hetero.manifest["workers"]
+    assert [w["quantization"]["used"] for w in (fp8_rank, d4_rank)] == ["fp8", "dynamic-4bit"]
+    assert [w["steps"] for w in (fp8_rank, d4_rank)] == [MAX_STEPS, MAX_STEPS]
+
+    # Rank 0: every decoder projection row-wise FP8 (1 byte per weight + one fp32 scale per row),
+    # still FP8 when training ended; no NF4 anywhere.
+    errors = protection["errors"]
+    with safe_open(str(protection["dir"]) + "/model.safetensors", framework="pt") as f:
+        rows = sum(f.get_slice(f"{e.name}.weight").get_shape()[0] for e in errors)
+    q0 = fp8_rank["quantization"]
+    assert q0["fp8_path"] == "rowwise" and q0["fp8_modules"] == len(errors)
+    assert q0["fp8_weight_bytes"] == sum(e.numel for e in errors) + 4 * rows
+    assert q0["modules_after_training"] == {"linear4bit": 0, "fp8_rowwise": len(errors)}
+    assert "protected_modules" not in q0
+
+    # Rank 1: NF4 except the protected modules, which the worker chose itself from its own error
+    # measurements, within the plan's budget.
+    q1 = d4_rank["quantization"]
+    want = protection["expected"]
+    assert q1["protected_modules"] == list(want.protected) and len(want.protected) == PROTECTED
+    assert q1["protected_cost_bytes"] == want.cost_bytes <= q1["protected_budget_bytes"] == protection["budget"]
+    assert set(q1["protected_reasons"]) == set(want.protected)
+    assert q1["protected_weight_bytes"] == 2 * sum(e.numel for e in errors if e.name in want.protected)
+    assert q1["linear4bit_modules"] == len(errors) - PROTECTED
+    assert q1["modules_after_training"] == {"linear4bit": len(errors) - PROTECTED, "fp8_rowwise": 0}
+    assert "fp8_modules" not in q1
+
+    # DDP synchronized only the LoRA parameters, whose shapes do not depend on the base: both ranks
+    # end with the same adapter, and training lowered the (all-reduced, token-weighted) loss.
+    # (TRL would keep an NF4 base's adapters in bf16 and a 16-bit base's in fp32: one dtype on both.)
+    assert [w["adapter_dtype"] for w in (fp8_rank, d4_rank)] == ["float32", "float32"]
+    assert fp8_rank["adapter_sha256"] == d4_rank["adapter_sha256"] == hetero.manifest["adapter_sha256"]
+    loss = hetero.manifest["loss"]
+    assert loss["points"] == MAX_STEPS and loss["last"] < loss["first"], loss
+
+
+@pytest.mark.ray
+def test_the_mixed_quantization_adapter_loads_with_peft(hetero, protection):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    saved = load_file(str(hetero.adapter_dir / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # B starts at zero
+    base = AutoModelForCausalLM.from_pretrained(str(protection["dir"]), dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(hetero.adapter_dir))
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved)
+    for name, tensor in saved.items():
+        key = name.replace(".weight", ".default.weight")
+        assert torch.equal(loaded[key].to(tensor.dtype), tensor), name
+    ids = torch.randint(0, base.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
 @pytest.mark.ray
 def test_a_node_gone_since_planning_refuses_to_start(cluster, mixed, reference):
     from rayquant.placement import PlacementError
