@@ -274,3 +274,36 @@ def test_file_and_source_errors_say_what_and_how_to_fix(tmp_path):
                          "no 'train'")):
         with pytest.raises(DatasetError, match=needle):
             prepare(src)
+
+
+@pytest.mark.ray
+def test_ray_data_gives_the_same_rows_and_errors(tmp_path):
+    """ray.data from Python rows, JSONL and Parquet: the rows and bad-row errors the other sources give
+    (one small local Ray, shut down after unless one was already up)."""
+    import ray
+    import ray.data
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        for fmt, rows in ROWS.items():
+            want = prepare(rows).dataset.to_list()
+            jsonl = _write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
+            parquet = _write_source("parquet", rows, tmp_path)
+            for name, ds in (("items", ray.data.from_items(rows)), ("read_json", ray.data.read_json(jsonl)),
+                             ("read_parquet", ray.data.read_parquet(parquet))):
+                got = prepare(ds)
+                assert got.format == fmt and got.dataset.to_list() == want, (fmt, name)
+        for table in (BAD_TYPED, BAD_MIXED):
+            for fmt, (rows, want) in table.items():
+                got = _problems(ray.data.from_items(rows), fmt)
+                assert [g[:len(w)] for g, w in zip(got, want)] == want and len(got) == len(want), got
+        with pytest.raises(DatasetError, match="Ray Data dataset has 1 problem:\n  - the dataset is empty"):
+            prepare(ray.data.from_items([{"text": "a"}]).limit(0))
+    finally:
+        ctx.enable_progress_bars = bars
+        if started:
+            ray.shutdown()
