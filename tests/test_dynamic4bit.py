@@ -178,3 +178,81 @@ def test_no_safetensors_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(FileNotFoundError, match="To fix"):
         measure_errors_from_checkpoint(tmp_path, device="cpu")
+
+
+# -- through the worker's loader (rayquant.loading.load_for_training), no Ray ----------------------
+def _plan(**overrides):
+    from planner.plan import JobSpec, MemoryBreakdown, NodePlan
+
+    node = NodePlan(
+        node_type="CPU:1", gpu="CPU", nodes=1, gpus_per_node=1, quantization="dynamic-4bit",
+        compute_dtype="bfloat16", micro_batch_size=1, gradient_accumulation_steps=1,
+        optimizer="adamw_8bit", gradient_checkpointing="unsloth", placement="per-gpu", backend="unsloth",
+        workers_per_node=1, gpus_per_worker=1, peak_memory_bytes=2**30, memory_budget_bytes=4 * 2**30,
+        breakdown=MemoryBreakdown(1, 1, 1, 1, 1, 1, 1), tokens_per_second=1.0,
+        reasons={"test": "hand-built"})
+    from dataclasses import replace
+
+    return replace(node, **overrides), JobSpec(seq_len=64, global_batch_size=1, lora_rank=8)
+
+
+@pytest.mark.parametrize("backend,checkpointing", [("unsloth", "unsloth"), ("hf", "hf")])
+def test_load_for_training_protects_within_the_plans_budget(tiny_llama_dir, backend, checkpointing):
+    """The worker's own loader: it measures the errors, keeps the chosen modules 16-bit under LoRA,
+    quantizes the rest to NF4 and reports the protected list and its cost in `info`."""
+    import bitsandbytes as bnb
+
+    from rayquant.loading import load_for_training, quantized_module_counts
+
+    errors = measure_errors_from_checkpoint(tiny_llama_dir, device="cpu")
+    order = select_protected(errors, 2**40).protected
+    numel = {e.name: e.numel for e in errors}
+    budget = sum(protect_cost_bytes(numel[n]) for n in order[:2]) + protect_cost_bytes(numel[order[2]]) - 1
+    want = select_protected(errors, budget)  # two modules; the third misses by one byte
+    node, job = _plan(protected_budget_bytes=budget, backend=backend, gradient_checkpointing=checkpointing)
+
+    model, _, info = load_for_training(str(tiny_llama_dir), node, job, device_map={"": "cpu"})
+
+    assert info["quantization_used"] == "dynamic-4bit" and len(want.protected) >= 2
+    assert info["protected_modules"] == list(want.protected)
+    assert info["protected_cost_bytes"] == want.cost_bytes <= info["protected_budget_bytes"] == budget
+    assert set(info["reasons"]) == set(want.protected) and info["candidates"] == len(errors)
+    assert info["linear4bit_modules"] == len(errors) - len(want.protected)
+    assert quantized_module_counts(model) == {"linear4bit": len(errors) - len(want.protected),
+                                              "fp8_rowwise": 0}
+    base = model.get_base_model()
+    for e in errors:
+        layer = base.get_submodule(e.name)
+        layer = getattr(layer, "base_layer", layer)  # under LoRA
+        if e.name in want.protected:
+            assert type(layer) is nn.Linear, e.name
+        else:
+            assert isinstance(layer, bnb.nn.Linear4bit), e.name
+    # Unsloth's CPU loader drops the skip list, so the worker restores the protected modules;
+    # transformers honours it. The hf path's kbit preparation upcasts them to fp32 (docs/quantization.md).
+    restored = {"unsloth": len(want.protected), "hf": 0}[backend]
+    assert info["protected_restored_after_load"] == restored
+    bytes_per_param = {"unsloth": 2, "hf": 4}[backend]
+    assert info["protected_weight_bytes"] == bytes_per_param * sum(numel[n] for n in want.protected)
+
+
+def test_a_4bit_base_trains_fp32_adapters_like_a_16bit_one(tiny_llama_dir):
+    """TRL keeps a 4-bit base's adapters in bf16; the worker's trainer keeps them fp32, the dtype a
+    16-bit (or FP8) rank has, so heterogeneous DDP all-reduces buffers of one size."""
+    import tempfile
+
+    from rayquant.data import prepare
+    from rayquant.loading import load_for_training
+    from rayquant.worker import make_sft_trainer
+
+    node, job = _plan(protected_budget_bytes=0, quantization="nf4")
+    model, tok, _ = load_for_training(str(tiny_llama_dir), node, job, device_map={"": "cpu"})
+    data = prepare("examples/data/tiny_alpaca.jsonl")
+    sft = {"learning_rate": 1e-3, "lr_scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+           "max_grad_norm": 1.0, "logging_steps": 1, "seed": 0}
+    config = {"sft": sft, "total_steps": 1, "seq_len": 64, "format": data.format}
+    trainer, _ = make_sft_trainer(model, tok, data.dataset.select(range(2)), node, config, tempfile.mkdtemp())
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    trainer.train()
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}

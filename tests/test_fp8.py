@@ -152,3 +152,52 @@ def test_fp8_path_by_compute_capability():
 def test_unsloth_fp8_problems_without_gpu_says_why():
     problems = unsloth_fp8_problems()
     assert any("no CUDA GPU" in p and "9.0" in p for p in problems)
+
+
+# -- through the worker's loader (rayquant.loading.load_for_training), no Ray ----------------------
+def _fp8_plan(backend: str = "unsloth"):
+    from planner.plan import JobSpec, MemoryBreakdown, NodePlan
+
+    node = NodePlan(
+        node_type="CPU:1", gpu="CPU", nodes=1, gpus_per_node=1, quantization="fp8", fp8_path="rowwise",
+        compute_dtype="bfloat16", micro_batch_size=1, gradient_accumulation_steps=1,
+        optimizer="adamw_8bit", gradient_checkpointing="unsloth" if backend == "unsloth" else "hf",
+        placement="per-gpu", backend=backend, workers_per_node=1, gpus_per_worker=1,
+        peak_memory_bytes=2**30, memory_budget_bytes=4 * 2**30, breakdown=MemoryBreakdown(1, 1, 1, 1, 1, 1, 1),
+        tokens_per_second=1.0, reasons={"test": "hand-built"})
+    return node, JobSpec(seq_len=64, global_batch_size=1, lora_rank=8)
+
+
+def test_load_for_training_rowwise_fp8_reports_its_modules(tiny_llama_dir):
+    """The worker's own loader on the `rowwise` path: a 16-bit Unsloth load, every decoder
+    projection converted to FP8 under LoRA, and `info` says how many and how many bytes."""
+    from transformers import AutoModelForCausalLM
+
+    from rayquant.loading import load_for_training, quantized_module_counts
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16)
+    projections = {n: m for n, m in ref.named_modules() if type(m) is nn.Linear and n != "lm_head"}
+    node, job = _fp8_plan()
+
+    model, _, info = load_for_training(str(tiny_llama_dir), node, job, device_map={"": "cpu"})
+
+    assert info["quantization_used"] == "fp8" and info["fp8_path"] == "rowwise"
+    assert info["fp8_modules"] == len(projections) and info["linear4bit_modules"] == 0
+    assert info["fp8_weight_bytes"] == (sum(m.weight.numel() for m in projections.values())
+                                        + 4 * sum(m.out_features for m in projections.values()))
+    assert "protected_modules" not in info
+    assert quantized_module_counts(model) == {"linear4bit": 0, "fp8_rowwise": len(projections)}
+    base = model.get_base_model()
+    for name in projections:
+        assert isinstance(base.get_submodule(name).base_layer, Fp8RowwiseLinear), name
+    assert type(base.lm_head) is nn.Linear and base.lm_head.weight.dtype == torch.bfloat16
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
+def test_hf_backend_has_no_fp8_path():
+    from rayquant.loading import load_for_training
+
+    node, job = _fp8_plan(backend="hf")
+    with pytest.raises(ValueError, match="hf backend has no FP8 path.*backend=unsloth"):
+        load_for_training("unused", node, job, device_map={"": "cpu"})
