@@ -307,3 +307,146 @@ def test_ray_data_gives_the_same_rows_and_errors(tmp_path):
         ctx.enable_progress_bars = bars
         if started:
             ray.shutdown()
+
+
+# -- the loss each format trains on, through the SFTTrainer the worker builds ---------------------------
+
+CHAT = "examples/data/tiny_chat.jsonl"
+
+
+@pytest.fixture(scope="module")
+def sft_setup(tiny_llama_dir):
+    """The tiny llama loaded as a one-worker CPU plan says (Unsloth, 4-bit, adamw_8bit), and a builder
+    of rayquant.worker.make_sft_trainer over a dataset (what each Ray worker builds, minus Ray)."""
+    import unsloth  # noqa: F401  (patches transformers/TRL first, as the worker does)
+
+    from rayquant.loading import load_for_training
+    from rayquant.trainer import RayQuantTrainer
+
+    def build(dataset, steps: int = 2, learning_rate: float = 1e-2, model=None, tokenizer=None):
+        import dataclasses
+        import tempfile
+
+        from rayquant.worker import make_sft_trainer
+
+        rq = RayQuantTrainer(model=str(tiny_llama_dir), dataset=dataset, lora={"rank": 8, "alpha": 16},
+                             sft={"seq_len": 128, "global_batch_size": 8, "learning_rate": learning_rate,
+                                  "max_steps": steps, "quantization": "nf4", "optimizer": "adamw_8bit"},
+                             scaling={"num_workers": 1})
+        plan = rq.plan()
+        node = plan.node_plans[0]
+        # one process takes the whole global batch, as the benchmark's direct run does
+        node = dataclasses.replace(node, gradient_accumulation_steps=plan.global_batch_size // node.micro_batch_size)
+        if model is None:
+            model, tokenizer, _ = load_for_training(str(tiny_llama_dir), node, plan.job, device_map={"": "cpu"})
+        data = rq.prepare_data()
+        config = {"sft": dataclasses.asdict(rq.options.sft), "total_steps": steps, "seq_len": plan.job.seq_len,
+                  "format": data.format, "checkpoint_every_steps": None}
+        trainer, _ = make_sft_trainer(model, tokenizer, data.dataset, node, config, tempfile.mkdtemp())
+        return trainer, data
+
+    trainer, _ = build(CHAT)  # loads the model once for the label tests
+    return build, trainer.model, trainer.processing_class
+
+
+def _batches(trainer):
+    """Every batch the trainer's dataloader hands the model in one pass (what the loss sees)."""
+    return list(trainer.get_train_dataloader())
+
+
+def _trained_and_not(tok, batch):
+    """Per row: (ids, trained mask) over the non-padding tokens."""
+    out = []
+    for ids, labels, attn in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        keep = attn.bool()
+        ids, labels = ids[keep].tolist(), labels[keep].tolist()
+        assert all(lab in (i, -100) for i, lab in zip(ids, labels))  # labels are the ids, or ignored
+        out.append((ids, [lab != -100 for lab in labels]))
+    return out
+
+
+def test_chat_loss_covers_assistant_tokens_only(sft_setup, tmp_path):
+    build, model, tok = sft_setup
+    rows = [json.loads(line) for line in open(CHAT)] + ROWS["messages"]
+    trainer, data = build(_write_jsonl(tmp_path / "chat.jsonl", rows), model=model, tokenizer=tok)
+    assert data.format == "messages" and trainer.args.assistant_only_loss
+    start = tok.convert_tokens_to_ids("<|assistant|>")
+    end = tok.eos_token_id  # the template closes every turn with <|end|>, inside {% generation %}
+    seen = 0
+    by_text = {tok.apply_chat_template(r["messages"], tokenize=False): r for r in data.dataset}
+    for batch in _batches(trainer):
+        for ids, trained in _trained_and_not(tok, batch):
+            # expected from the token stream alone: after an <|assistant|> tag, up to and including
+            # the <|end|> that closes the turn; the tag itself and every other turn are not trained
+            want, inside = [], False
+            for i in ids:
+                want.append(inside)
+                if i == start:
+                    inside = True
+                elif i == end:
+                    inside = False
+            assert trained == want
+            row = by_text[tok.decode(ids)]
+            assistant = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+            assert tok.decode([i for i, t in zip(ids, trained) if t]) == "".join(a + tok.eos_token for a in assistant)
+            seen += 1
+    assert seen == len(rows)  # every row reached the model (none dropped as fully masked)
+
+
+def test_alpaca_loss_covers_the_output_only_and_text_every_token(sft_setup, tmp_path):
+    build, model, tok = sft_setup
+    trainer, data = build("examples/data/tiny_alpaca.jsonl", model=model, tokenizer=tok)
+    by_prompt = {r["prompt"] + r["completion"]: r for r in data.dataset}
+    seen = 0
+    for batch in _batches(trainer):
+        for ids, trained in _trained_and_not(tok, batch):
+            n = trained.index(True)
+            assert all(trained[n:]), "the completion is one trained span running to the end"
+            row = by_prompt[tok.decode(ids[:-1])]
+            assert tok.decode(ids[:n]) == row["prompt"]
+            assert tok.decode(ids[n:]) == row["completion"] + tok.eos_token
+            seen += 1
+    assert seen == data.num_rows
+
+    texts = [{"text": f"the {w} model learns to answer questions about ray clusters"} for w in _WORDS_8]
+    trainer, data = build(texts, model=model, tokenizer=tok)
+    decoded = []
+    for batch in _batches(trainer):
+        for ids, trained in _trained_and_not(tok, batch):
+            assert all(trained)
+            decoded.append(tok.decode(ids))
+    assert sorted(decoded) == sorted(t["text"] + tok.eos_token for t in texts)
+
+
+_WORDS_8 = ("cat", "dog", "sun", "moon", "apple", "pear", "red", "blue")
+
+
+def _masked_and_unmasked_ce(trainer, batch):
+    """(trainer's compute_loss, CE over the trained labels, CE over every token) on one batch."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(trainer.model, dict(batch)))
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    masked = float(F.cross_entropy(flat, batch["labels"][:, 1:].reshape(-1), ignore_index=-100))
+    every = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
+    return loss, masked, float(F.cross_entropy(flat, every.reshape(-1), ignore_index=-100))
+
+
+def test_chat_training_in_process_lowers_the_masked_loss(sft_setup):
+    """Train a fresh model a few steps on chat data through the worker's trainer: the loss falls, and
+    the loss it computes (Unsloth's, as the worker runs it) is cross-entropy over the assistant labels
+    only, not over every token: the mask reaches the loss."""
+    build, _, _ = sft_setup
+    trainer, _ = build(CHAT, steps=12, learning_rate=1e-2)
+    batch = _batches(trainer)[0]
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 and losses[-1] < losses[0]
+    trainer.model.eval()
+    loss, masked, unmasked = _masked_and_unmasked_ce(trainer, batch)
+    assert loss == pytest.approx(masked, rel=1e-3)
+    assert abs(masked - unmasked) > 0.02 * masked  # told apart well beyond that tolerance
