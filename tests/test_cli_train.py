@@ -47,3 +47,46 @@ def test_bad_rows_exit_cleanly(tmp_path):
     out = CliRunner().invoke(main, ["train", str(cfg), "--dry-run"])
     assert out.exit_code == 2 and "Traceback" not in out.output
     assert "row 0: field 'messages': expected at least one assistant turn" in out.output
+
+
+def _config_for(tmp_path, dataset_name: str) -> str:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: rayquant/tiny-llama\ndataset: {dataset_name}\n")
+    return str(cfg)
+
+
+def test_dry_run_lists_bad_rows_of_every_file_format(tmp_path):
+    import datasets
+
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "user", "content": "hi"}]}]
+    (tmp_path / "chat.json").write_text(json.dumps(chat))
+    datasets.Dataset.from_list(chat).to_parquet(str(tmp_path / "chat.parquet"))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    for name in ("chat.json", "chat.parquet", "chat.jsonl"):
+        for extra in ([], ["--json"]):
+            out = CliRunner().invoke(main, ["train", _config_for(tmp_path, name), "--dry-run", *extra])
+            assert out.exit_code == 2 and "Traceback" not in out.output, (name, out.output)
+            assert f"{tmp_path / name} has 2 problems" in out.output
+            assert "row 1: field 'messages[0].role': expected one of system, user, assistant, tool, got 'bot'" \
+                in out.output
+            assert "row 2: field 'messages': expected at least one assistant turn" in out.output
+            assert "To fix: correct or drop these rows" in out.output and '"plan"' not in out.output
+
+
+def test_dry_run_caps_the_row_listing_and_reports_file_problems(tmp_path):
+    rows = [{"instruction": "a", "input": "", "output": "b"}] + [{"instruction": "a", "input": i} for i in range(30)]
+    (tmp_path / "many.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = CliRunner().invoke(main, ["train", _config_for(tmp_path, "many.jsonl"), "--dry-run"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    listed = [line for line in out.output.splitlines() if line.startswith("  - row ")]
+    assert len(listed) == 20 and "60 problems" in out.output and "... and 40 more" in out.output
+    assert "row 1: field 'output': expected a non-empty string, the field is missing or null" in out.output
+    assert "row 1: field 'input': expected a string or null, got 0" in out.output
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b",}\n')
+    for name, needle in (("empty.jsonl", "the dataset is empty"), ("broken.jsonl", "line 2 is not valid JSON")):
+        out = CliRunner().invoke(main, ["train", _config_for(tmp_path, name), "--dry-run"])
+        assert out.exit_code == 2 and "Traceback" not in out.output and needle in out.output, out.output
