@@ -273,6 +273,42 @@ def normalize(ds, fmt: str, text_field: str = "text"):
                   remove_columns=ds.column_names, features=_features(fmt))
 
 
+def chat_template_problem(tokenizer) -> str | None:
+    """Why chat `messages` rows cannot train with the loss on assistant tokens only under this
+    tokenizer, or None when they can.
+
+    TRL's SFTTrainer (assistant_only_loss, trl/trainer/sft_trainer.py) takes the assistant tokens from
+    the chat template's {% generation %} markers; a template without them is swapped for TRL's
+    training version of a known family (trl.chat_template_utils.get_training_chat_template), and any
+    other template raises inside every worker. This asks the same questions on the driver first.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named variants: TRL renders the default one
+        template = template.get("default")
+    if not template:
+        return "the tokenizer has no chat template, which chat `messages` rows are rendered with"
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(template):
+        return None
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        return ("the tokenizer's chat template has no {% generation %} markers and TRL has no training "
+                "version of it, so the assistant tokens (the only ones trained) cannot be found")
+    return None
+
+
+def check_chat_template(tokenizer, model: str = "the model") -> None:
+    """Raise DatasetError when chat rows cannot train under `model`'s tokenizer (chat_template_problem)."""
+    problem = chat_template_problem(tokenizer)
+    if problem:
+        raise DatasetError([problem], source=f"chat data for {model}",
+                           fix="use a chat model's tokenizer whose template marks assistant turns with "
+                               "{% generation %}...{% endgeneration %} (or set its chat_template so), or "
+                               "give the rows as alpaca instruction/input/output or text")
+
+
 @dataclass(frozen=True)
 class PreparedData:
     dataset: Any  # datasets.Dataset with normalized columns

@@ -450,3 +450,26 @@ def test_chat_training_in_process_lowers_the_masked_loss(sft_setup):
     loss, masked, unmasked = _masked_and_unmasked_ce(trainer, batch)
     assert loss == pytest.approx(masked, rel=1e-3)
     assert abs(masked - unmasked) > 0.02 * masked  # told apart well beyond that tolerance
+
+
+def test_chat_template_check_predicts_what_trl_refuses(sft_setup):
+    """A template without {% generation %} that TRL cannot patch fails inside every worker's
+    SFTTrainer; chat_template_problem says so on the driver, before Ray starts."""
+    import copy
+
+    from rayquant.data import chat_template_problem, check_chat_template
+
+    build, model, tok = sft_setup
+    assert chat_template_problem(tok) is None
+    check_chat_template(tok)
+    unmarked = copy.deepcopy(tok)
+    unmarked.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    assert "no {% generation %} markers" in chat_template_problem(unmarked)
+    with pytest.raises(ValueError, match="not training-compatible"):
+        build(CHAT, model=model, tokenizer=unmarked)
+    with pytest.raises(DatasetError, match="chat data for tiny has 1 problem") as e:
+        check_chat_template(unmarked, "tiny")
+    assert "To fix: use a chat model's tokenizer" in str(e.value)
+    untemplated = copy.deepcopy(tok)
+    untemplated.chat_template = None
+    assert "has no chat template" in chat_template_problem(untemplated)
