@@ -267,7 +267,18 @@ class RayQuantTrainer:
         from rayquant.adapters import write_atomically as write_adapter
         from rayquant.progress import ProgressPrinter
 
-        resolve_model(self.model)  # build tiny models once here, not in every worker at the same time
+        model_path = resolve_model(self.model)  # build tiny models once here, not in every worker
+        if data.format == "messages":  # fail here, not in every worker, if the template cannot mask turns
+            from transformers import AutoTokenizer
+
+            from rayquant.data import check_chat_template
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model_path)
+            except OSError:  # not readable from the driver (a hub id offline): the workers check
+                tokenizer = None
+            if tokenizer is not None:
+                check_chat_template(tokenizer, self.model)
         init_ray(self._ray_address())
         scaling_kwargs = self._scaling_kwargs(plan)
         fail_at = int(os.environ.get("RAYQUANT_FAIL_AT_STEP", "0") or 0)

@@ -242,3 +242,24 @@ def test_a_zero3_plan_mixed_with_ddp_is_refused_before_ray(tmp_path):
         trainer.fit()
     assert "To fix: re-plan with `rayquant plan --backend hf`" in str(err.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_chat_data_under_a_tokenizer_without_a_usable_template_fails_before_ray(tmp_path, tiny_llama_dir):
+    import shutil
+
+    from rayquant.data import DatasetError
+    from rayquant.trainer import RayQuantTrainer
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    trainer = RayQuantTrainer(model=str(model), dataset="examples/data/tiny_chat.jsonl",
+                              sft={"max_steps": 1, "seq_len": 64, "global_batch_size": 2},
+                              scaling={"num_workers": 2}, run={"storage_path": str(tmp_path / "runs")})
+    with pytest.raises(DatasetError, match="chat data for"):
+        trainer.fit()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
