@@ -117,6 +117,8 @@ def _load_file(path: str) -> "datasets.Dataset":  # noqa: F821
     if _is_empty_file(path, kind):
         raise DatasetError(["the dataset is empty (no rows)"], source=path, fix="add rows to the file")
     try:
+        # A "Generating train split" bar for a local file is noise on the user's console.
+        datasets.disable_progress_bars()
         return datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as e:  # the loaders raise many types for malformed files
         # datasets' JSON error ("An error occurred while generating the dataset") names no line;
