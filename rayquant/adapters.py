@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from planner.atomic import publish_mode
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 MANIFEST = "manifest.json"
@@ -143,8 +145,8 @@ def build_manifest(plan_dict: Mapping[str, Any], gathered: GatheredAdapters, ext
             "versions": versions(), **dict(extra)}
 
 
-def write_atomically(adapter_src: str | os.PathLike, manifest: Mapping[str, Any],
-                     dest: str | os.PathLike) -> Path:
+def write_adapter_dir(adapter_src: str | os.PathLike, manifest: Mapping[str, Any],
+                      dest: str | os.PathLike) -> Path:
     """Copy the adapter and write manifest.json into a temporary sibling of `dest`, then rename it
     into place; an existing `dest` is swapped out only after the new one is complete."""
     dest = Path(dest).expanduser().resolve()
@@ -158,6 +160,7 @@ def write_atomically(adapter_src: str | os.PathLike, manifest: Mapping[str, Any]
             json.dump(manifest, f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
+        publish_mode(tmp)  # mkdtemp makes it private (0700): give it the umask's permissions
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

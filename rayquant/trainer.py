@@ -263,8 +263,7 @@ class RayQuantTrainer:
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from rayquant.adapters import build_manifest, gather
-        from rayquant.adapters import write_atomically as write_adapter
+        from rayquant.adapters import build_manifest, gather, write_adapter_dir
         from rayquant.progress import ProgressPrinter
 
         model_path = resolve_model(self.model)  # build tiny models once here, not in every worker
@@ -322,7 +321,7 @@ class RayQuantTrainer:
                         "fit_wall_s": wall_s, "dataset_rows": data.num_rows, "dataset_format": data.format,
                         "ray_address": self._ray_address() or "local"},
                 "sft": asdict(self.options.sft)})
-            adapter_dir = write_adapter(gathered.adapter_dir, manifest, dest)
+            adapter_dir = write_adapter_dir(gathered.adapter_dir, manifest, dest)
         write_atomically(run_dir / FINISHED_MARKER,
                          json.dumps({"adapter_dir": str(adapter_dir), "steps": total_steps}, indent=2))
         metrics = dict(result.metrics or {}, fit_wall_s=wall_s)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from rayquant.adapters import (MANIFEST, AdapterMismatchError, adapter_sha256, gather, loss_summary,
-                               write_atomically)
+                               write_adapter_dir)
 
 
 def _adapter(d, scale=1.0, metadata=None):
@@ -54,19 +54,24 @@ def test_gather_fails_loudly_on_mismatch_or_missing_rank(tmp_path):
         gather(tmp_path, 3)
 
 
-def test_write_atomically_replaces_only_when_complete(tmp_path):
+def test_write_adapter_dir_replaces_only_when_complete(tmp_path):
     src = _adapter(tmp_path / "src")
     dest = tmp_path / "out" / "adapter"
-    write_atomically(src, {"v": 1}, dest)
+    write_adapter_dir(src, {"v": 1}, dest)
     assert json.loads((dest / MANIFEST).read_text()) == {"v": 1}
     assert adapter_sha256(dest) == adapter_sha256(src)
     # A failure while writing (here: the source vanished) leaves the previous output untouched.
     with pytest.raises(FileNotFoundError):
-        write_atomically(tmp_path / "gone", {"v": 2}, dest)
+        write_adapter_dir(tmp_path / "gone", {"v": 2}, dest)
     assert json.loads((dest / MANIFEST).read_text()) == {"v": 1}
-    write_atomically(src, {"v": 3}, dest)
+    write_adapter_dir(src, {"v": 3}, dest)
     assert json.loads((dest / MANIFEST).read_text()) == {"v": 3}
     assert sorted(os.listdir(dest.parent)) == ["adapter"]  # no temporary or old copies left
+    # Readable like any new directory (the temporary one it was written into starts 0700).
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (dest.stat().st_mode & 0o777) == 0o777 & ~mask
+    assert ((dest / MANIFEST).stat().st_mode & 0o777) == 0o666 & ~mask
 
 
 def test_loss_summary():
