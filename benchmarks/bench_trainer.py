@@ -27,7 +27,7 @@ def _trainer(steps: int, storage: str):
     return RayQuantTrainer(
         model=MODEL, dataset=DATA, lora={"rank": 8, "alpha": 16},
         sft={"seq_len": 128, "global_batch_size": 8, "learning_rate": 3e-3, "max_steps": steps,
-             "logging_steps": 1, "quantization": "nf4", "optimizer": "adamw_8bit"},
+             "logging_steps": 10, "quantization": "nf4", "optimizer": "adamw_8bit"},
         scaling={"num_workers": 2}, run={"name": "bench", "storage_path": storage})
 
 

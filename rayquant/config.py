@@ -12,7 +12,7 @@ YAML schema of `rayquant train CONFIG.yaml` (only `model` and `dataset` are requ
     lora:    {rank: 16, alpha: 32, dropout: 0.0, targets: [q_proj, v_proj]}
     sft:     {seq_len: 256, global_batch_size: 8, learning_rate: 2.0e-4, max_steps: 40,
               num_epochs: 1.0, warmup_steps: 0, lr_scheduler: linear, weight_decay: 0.0,
-              max_grad_norm: 1.0, logging_steps: 1, seed: 0, dataset_format: auto,
+              max_grad_norm: 1.0, logging_steps: 10, seed: 0, dataset_format: auto,
               text_field: text, prefer: balanced, backend: unsloth, quantization: nf4,
               optimizer: adamw_8bit, micro_batch_size: null, gradient_checkpointing: null}
     scaling: {num_workers: 2, use_gpu: null, gpus: null, cpus_per_worker: 1}
@@ -105,7 +105,9 @@ class SftOptions:
     lr_scheduler: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    logging_steps: int = 1
+    # Each report waits for Ray Train's controller to take the previous one (it polls every 0.2 s
+    # here): reporting every step adds up to that much to fast steps.
+    logging_steps: int = 10
     seed: int = 0
     dataset_format: str = "auto"
     text_field: str = "text"
