@@ -331,7 +331,8 @@ def sft_setup(tiny_llama_dir):
 
         rq = RayQuantTrainer(model=str(tiny_llama_dir), dataset=dataset, lora={"rank": 8, "alpha": 16},
                              sft={"seq_len": 128, "global_batch_size": 8, "learning_rate": learning_rate,
-                                  "max_steps": steps, "quantization": "nf4", "optimizer": "adamw_8bit"},
+                                  "max_steps": steps, "logging_steps": 1, "quantization": "nf4",
+                                  "optimizer": "adamw_8bit"},
                              scaling={"num_workers": 1})
         plan = rq.plan()
         node = plan.node_plans[0]
