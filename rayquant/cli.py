@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from rayquant import __version__
+from rayquant.report import gib, plan_table, plot_plan, table
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -61,12 +62,12 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, addre
                 click.echo(json.dumps({"plan": plan.to_dict(), "dataset": {
                     "path": cfg.dataset, "rows": data.num_rows, "format": data.format}}, indent=2))
             else:
-                click.echo(_plan_table(plan))
+                click.echo(plan_table(plan))
                 click.echo(f"\nDataset {cfg.dataset}: {data.num_rows} rows, format {data.format}, all rows OK.")
                 click.echo("Dry run: nothing trained. Drop --dry-run to train.")
             return
         if not as_json:
-            click.echo(_plan_table(trainer.plan()))
+            click.echo(plan_table(trainer.plan()))
         result = trainer.fit()
     except (ConfigError, DatasetError, PlanError) as e:
         _planner_error(e)
@@ -89,17 +90,6 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, addre
                    f"over {result.manifest['run']['steps']} steps; adapter sha256 "
                    f"{result.manifest['adapter_sha256'][:16]}")
         click.echo(f"Adapter: {result.adapter_dir}")
-
-
-def _catalog_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
-    """Plain-text table (the gpus/models listings); columns in `right` are right-aligned."""
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-
-    def line(cells: list) -> str:
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 @main.command("gpus")
@@ -125,7 +115,7 @@ def gpus_command(as_json: bool) -> None:
              "yes" if g.supports_bf16 else "no", "yes" if g.supports_fp8 else "no",
              f"{g.tflops_16bit:g}", f"{g.fp8_tflops:g}" if g.fp8_tflops else "-",
              f"{g.bandwidth_gb_per_s:g}", ", ".join(g.nvml_names) or "-"] for g in gpus]
-    click.echo(_catalog_table(["GPU", "GiB", "CC", "bf16", "FP8", "16-bit TFLOPS", "FP8 TFLOPS",
+    click.echo(table(["GPU", "GiB", "CC", "bf16", "FP8", "16-bit TFLOPS", "FP8 TFLOPS",
                                "GB/s", "NVML names"], rows, right={1, 5, 6, 7}))
     click.echo("\nTFLOPS are dense tensor-core peaks (bf16, else fp16). Also accepted: NVML names "
                "and bare sizes such as 24GiB (a generic GPU). `--json` shows each row's sources.")
@@ -169,7 +159,7 @@ def models_command(as_json: bool, filter_text: str | None) -> None:
              + (f" ({billions(m.active_params)} active)" if m.is_moe else ""),
              m.num_layers, m.hidden_size, f"{m.num_attention_heads}/{m.num_key_value_heads}",
              m.vocab_size] for k, m in specs]
-    click.echo(_catalog_table(["id", "architecture", "params", "layers", "hidden", "heads/kv",
+    click.echo(table(["id", "architecture", "params", "layers", "hidden", "heads/kv",
                                "vocab"], rows, right={2, 3, 4, 6}))
     click.echo("\nInstruct/chat variants and unsloth/...-bnb-4bit or -FP8 names map to these rows; "
                "the org prefix is optional.")
@@ -267,7 +257,6 @@ def calibrate_command(model, quantizations, seq_lens, micro_batches, backend, gr
 
 
 # -- planner: plan / estimate -------------------------------------------------------------------
-_GIB = 1024**3
 
 
 def _planner_error(e: Exception) -> None:
@@ -312,65 +301,6 @@ def _read_inventory(path: str):
                         f" ({e}). To fix: write a list of rows like "
                         "[{\"gpu\": \"A10G\", \"gpus_per_node\": 1, \"count\": 4}]") from None
     return node_types_from_dicts(rows if rows is not None else [])
-
-
-def _plan_table(plan) -> str:
-    """The human-readable plan: choices, memory breakdown and reasons per node type."""
-    job = plan.job
-    lines = [f"Plan for {plan.model}: {plan.num_workers} worker(s), global batch "
-             f"{plan.global_batch_size} x {job.seq_len} tokens, predicted {plan.tokens_per_second:,.0f} "
-             f"tokens/s (safety margin {job.safety_margin:.0%})", ""]
-    heads = ["node type", "nodes", "workers", "quant", "micro", "accum", "optimizer", "ckpt",
-             "placement", "peak/budget GiB", "tok/s/worker"]
-    rows = [[p.node_type, p.nodes, p.num_workers, p.quantization, p.micro_batch_size,
-             p.gradient_accumulation_steps, p.optimizer, p.gradient_checkpointing, p.placement,
-             f"{p.peak_memory_bytes / _GIB:.1f}/{p.memory_budget_bytes / _GIB:.1f}",
-             f"{p.tokens_per_second:,.0f}"] for p in plan.node_plans]
-    lines.append(_catalog_table(heads, rows, right={1, 2, 4, 5, 9, 10}))
-    terms = ["weights", "adapters", "gradients", "optimizer", "activations", "logits", "overhead"]
-    rows = [[p.node_type] + [f"{getattr(p.breakdown, t) / _GIB:.2f}" for t in terms]
-            + [f"{p.host_memory_bytes / _GIB:.1f}"] for p in plan.node_plans]
-    lines += ["", "Memory per worker (GiB, busiest GPU):",
-              _catalog_table(["node type"] + terms + ["host"], rows, right=set(range(1, 9)))]
-    lines += ["", "Why:"]
-    for p in plan.node_plans:
-        lines.append(f"  {p.node_type}")
-        lines += [f"    {k}: {v}" for k, v in p.reasons.items()]
-    if plan.warnings:
-        lines += ["", "Warnings:"] + [f"  - {w}" for w in plan.warnings]
-    return "\n".join(lines)
-
-
-def _plot_plan(plan, path: str) -> None:
-    """Each node type's memory breakdown as a stacked bar against its GPU's capacity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    terms = ["weights", "adapters", "gradients", "optimizer", "activations", "logits", "overhead"]
-    names = [p.node_type for p in plan.node_plans]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 4.5))
-    bottoms = [0.0] * len(names)
-    for term in terms:
-        values = [getattr(p.breakdown, term) / _GIB for p in plan.node_plans]
-        ax.bar(names, values, bottom=bottoms, label=term)
-        bottoms = [b + v for b, v in zip(bottoms, values)]
-    for i, p in enumerate(plan.node_plans):
-        capacity = p.memory_budget_bytes / (1 - plan.job.safety_margin) / _GIB
-        ax.hlines(capacity, i - 0.4, i + 0.4, colors="black", label="GPU memory" if i == 0 else None)
-        ax.hlines(p.memory_budget_bytes / _GIB, i - 0.4, i + 0.4, colors="red", linestyles="dashed",
-                  label="budget (margin)" if i == 0 else None)
-    ax.set_ylabel("GiB per GPU (busiest)")
-    ax.set_title(f"{plan.model}: predicted peak memory per worker")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    from planner.atomic import write_atomically
-
-    try:
-        write_atomically(path, write=fig.savefig)
-    finally:
-        plt.close(fig)
 
 
 @main.command("plan")
@@ -443,13 +373,13 @@ def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_
     if output:
         _write_atomic(output, text_yaml if (as_yaml or output.endswith((".yaml", ".yml"))) else text_json + "\n")
     if plot:
-        _plot_plan(plan, plot)
+        plot_plan(plan, plot)
     if as_json:
         click.echo(text_json)
     elif as_yaml:
         click.echo(text_yaml, nl=False)
     else:
-        click.echo(_plan_table(plan))
+        click.echo(plan_table(plan))
 
 
 @main.command("estimate")
@@ -547,12 +477,12 @@ def estimate_command(model, gpu, quantization, double_quant, backend, seq_len, m
     click.echo(f"{spec.name} on {device.name} ({device.memory_gib:.1f} GiB): {quantization}, "
                f"seq {seq_len} x micro-batch {micro_batch}, {gradient_checkpointing} checkpointing, "
                f"{optimizer}, {backend} backend")
-    rows = [[k, f"{v / _GIB:.2f}"] for k, v in est.breakdown.as_dict().items()]
-    rows.append(["peak", f"{est.peak_bytes / _GIB:.2f}"])
-    click.echo(_catalog_table(["term", "GiB"], rows, right={1}))
-    click.echo(f"\nfits: {'yes' if fits else 'NO'} ({peak / _GIB:.2f} of "
+    rows = [[k, gib(v)] for k, v in est.breakdown.as_dict().items()]
+    rows.append(["peak", gib(est.peak_bytes)])
+    click.echo(table(["term", "GiB"], rows, right={1}))
+    click.echo(f"\nfits: {'yes' if fits else 'NO'} ({gib(peak)} of "
                f"{device.memory_gib:.2f} GiB); longest sequence that fits at micro-batch "
-               f"{micro_batch}: {longest}; host RAM: {est.host_bytes / _GIB:.2f} GiB; predicted "
+               f"{micro_batch}: {longest}; host RAM: {gib(est.host_bytes)} GiB; predicted "
                f"{tps:,.0f} tokens/s; trainable parameters: {est.trainable_params:,}")
     for n in notes:
         click.echo(f"note: {n}")
@@ -726,7 +656,7 @@ def inventory_command(address: str | None, local_only: bool, cpu_nodes: bool | N
               f"{r['host_memory_gib']:.0f}", str(r["cpus"] or "?")] for r, nt in zip(rows, types)]
     click.echo(f"Inventory of {source}: {sum(nt.count for nt in types)} node(s), "
                f"{sum(nt.num_gpus for nt in types if not nt.gpu.is_cpu)} GPU(s)")
-    click.echo(_catalog_table(["node type", "nodes", "GPUs/node", "GPU GiB", "cc", "host GiB", "CPUs"],
+    click.echo(table(["node type", "nodes", "GPUs/node", "GPU GiB", "cc", "host GiB", "CPUs"],
                               table, right={1, 2, 3, 5, 6}))
     for line in notes:
         click.echo(f"note: {line}")

@@ -1,0 +1,88 @@
+"""Text and plot renderings of plans, estimates and catalogs for the CLI (no heavy imports;
+matplotlib only inside plot_plan)."""
+
+from __future__ import annotations
+
+import math
+
+GIB = 1024**3
+TERMS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits", "overhead")
+
+
+def gib(n_bytes: float, digits: int = 2) -> str:
+    """Bytes as GiB with `digits` decimals; a small value keeps two significant digits instead of
+    rounding to zero (a tiny model's 3 MB reads 0.0029, not 0.00)."""
+    value = n_bytes / GIB
+    if value == 0 or abs(value) >= 10 ** -digits * 10:
+        return f"{value:.{digits}f}"
+    return f"{value:.{max(digits, 1 - math.floor(math.log10(abs(value))))}f}"
+
+
+def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """Plain-text table (the gpus/models listings); columns in `right` are right-aligned."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+
+    def line(cells: list) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def plan_table(plan) -> str:
+    """The human-readable plan: choices, memory breakdown and reasons per node type."""
+    job = plan.job
+    lines = [f"Plan for {plan.model}: {plan.num_workers} worker(s), global batch "
+             f"{plan.global_batch_size} x {job.seq_len} tokens, predicted {plan.tokens_per_second:,.0f} "
+             f"tokens/s (safety margin {job.safety_margin:.0%})", ""]
+    heads = ["node type", "nodes", "workers", "quant", "micro", "accum", "optimizer", "ckpt",
+             "placement", "peak/budget GiB", "tok/s/worker"]
+    rows = [[p.node_type, p.nodes, p.num_workers, p.quantization, p.micro_batch_size,
+             p.gradient_accumulation_steps, p.optimizer, p.gradient_checkpointing, p.placement,
+             f"{gib(p.peak_memory_bytes, 1)}/{gib(p.memory_budget_bytes, 1)}",
+             f"{p.tokens_per_second:,.0f}"] for p in plan.node_plans]
+    lines.append(table(heads, rows, right={1, 2, 4, 5, 9, 10}))
+    terms = list(TERMS)
+    rows = [[p.node_type] + [gib(getattr(p.breakdown, t)) for t in terms]
+            + [gib(p.host_memory_bytes, 1)] for p in plan.node_plans]
+    lines += ["", "Memory per worker (GiB, busiest GPU):",
+              table(["node type"] + terms + ["host"], rows, right=set(range(1, 9)))]
+    lines += ["", "Why:"]
+    for p in plan.node_plans:
+        lines.append(f"  {p.node_type}")
+        lines += [f"    {k}: {v}" for k, v in p.reasons.items()]
+    if plan.warnings:
+        lines += ["", "Warnings:"] + [f"  - {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def plot_plan(plan, path: str) -> None:
+    """Each node type's memory breakdown as a stacked bar against its GPU's capacity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = list(TERMS)
+    names = [p.node_type for p in plan.node_plans]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 4.5))
+    bottoms = [0.0] * len(names)
+    for term in terms:
+        values = [getattr(p.breakdown, term) / GIB for p in plan.node_plans]
+        ax.bar(names, values, bottom=bottoms, label=term)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    for i, p in enumerate(plan.node_plans):
+        capacity = p.memory_budget_bytes / (1 - plan.job.safety_margin) / GIB
+        ax.hlines(capacity, i - 0.4, i + 0.4, colors="black", label="GPU memory" if i == 0 else None)
+        ax.hlines(p.memory_budget_bytes / GIB, i - 0.4, i + 0.4, colors="red", linestyles="dashed",
+                  label="budget (margin)" if i == 0 else None)
+    ax.set_ylabel("GiB per GPU (busiest)")
+    ax.set_title(f"{plan.model}: predicted peak memory per worker")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    from planner.atomic import write_atomically
+
+    try:
+        write_atomically(path, write=fig.savefig)
+    finally:
+        plt.close(fig)
