@@ -651,13 +651,13 @@ def inventory_command(address: str | None, local_only: bool, cpu_nodes: bool | N
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    table = [[f"{r['gpu']}:{r['gpus_per_node']}", str(r["count"]), str(r["gpus_per_node"]),
+    cells = [[f"{r['gpu']}:{r['gpus_per_node']}", str(r["count"]), str(r["gpus_per_node"]),
               f"{nt.gpu.memory_gib:.1f}", nt.gpu.compute_capability_str if not nt.gpu.is_cpu else "-",
               f"{r['host_memory_gib']:.0f}", str(r["cpus"] or "?")] for r, nt in zip(rows, types)]
     click.echo(f"Inventory of {source}: {sum(nt.count for nt in types)} node(s), "
                f"{sum(nt.num_gpus for nt in types if not nt.gpu.is_cpu)} GPU(s)")
     click.echo(table(["node type", "nodes", "GPUs/node", "GPU GiB", "cc", "host GiB", "CPUs"],
-                              table, right={1, 2, 3, 5, 6}))
+                     cells, right={1, 2, 3, 5, 6}))
     for line in notes:
         click.echo(f"note: {line}")
     if output:
