@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from planner.atomic import write_atomically
 from rayquant import __version__
 from rayquant.report import gib, plan_table, plot_plan, table
 
@@ -270,12 +271,6 @@ def _split_targets(text: str) -> tuple[str, ...]:
     return ("all",) if parts == ("all",) else parts
 
 
-def _write_atomic(path: str, text: str) -> None:
-    from planner.atomic import write_atomically
-
-    write_atomically(path, text)
-
-
 def _read_inventory(path: str):
     """Node types from a JSON or YAML inventory file (a list of node rows)."""
     import json
@@ -371,7 +366,7 @@ def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_
 
         text_yaml = yaml.safe_dump(plan.to_dict(), sort_keys=False)
     if output:
-        _write_atomic(output, text_yaml if (as_yaml or output.endswith((".yaml", ".yml"))) else text_json + "\n")
+        write_atomically(output, text_yaml if (as_yaml or output.endswith((".yaml", ".yml"))) else text_json + "\n")
     if plot:
         plot_plan(plan, plot)
     if as_json:
@@ -586,7 +581,7 @@ def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, 
         raise click.ClickException(str(e)) from None
     text = k8s.dump_yaml(docs)
     if output:
-        k8s.write_atomic(output, text)
+        write_atomically(output, text)
     summary = k8s.manifest_summary(docs)
     if as_json:
         click.echo(json.dumps({**summary, "output": output}, indent=2))
@@ -645,9 +640,9 @@ def inventory_command(address: str | None, local_only: bool, cpu_nodes: bool | N
         if output.endswith((".yaml", ".yml")):
             import yaml
 
-            _write_atomic(output, yaml.safe_dump({"nodes": rows}, sort_keys=False))
+            write_atomically(output, yaml.safe_dump({"nodes": rows}, sort_keys=False))
         else:
-            _write_atomic(output, json.dumps({"nodes": rows}, indent=2) + "\n")
+            write_atomically(output, json.dumps({"nodes": rows}, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

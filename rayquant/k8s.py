@@ -9,7 +9,7 @@ by itself from NVML). Usage:
 
     docs = render_manifests(plan, train_config, K8sOptions(name="ft", image="my/image:tag",
                                                          storage="rayquant-pvc"))
-    write_atomic("rayjob.yaml", dump_yaml(docs))
+    planner.atomic.write_atomically("rayjob.yaml", dump_yaml(docs))
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from planner.atomic import write_atomically
 from planner.hardware import GIB, GpuSpec, lookup_gpu
 from planner.plan import NodePlan, PlanError, TrainingPlan
 # The Ray node label workers are pinned by, and its value per node type: one definition, shared
@@ -576,11 +575,6 @@ def dump_yaml(docs: list[dict]) -> str:
 
     _Dumper.add_representer(str, _str)
     return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and a rename."""
-    write_atomically(path, text)
 
 
 def manifest_summary(docs: list[dict]) -> dict[str, Any]:

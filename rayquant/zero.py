@@ -21,11 +21,8 @@ every rank gathers the LoRA shards and saves the whole adapter, so the driver's 
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Mapping
 
-from planner.atomic import write_atomically
 from planner.plan import NodePlan, PlanError, TrainingPlan
 
 # Quantizations ZeRO-3 can shard: 16-bit weights, and NF4 packed into 16-bit storage. FP8 weights
@@ -148,8 +145,3 @@ def gathered_trainable_state_dict(model) -> dict[str, Any]:
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
         return {name: p.detach().clone().cpu() for name, p in named}
-
-
-def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
-    """Write JSON so a crash leaves either the old file or the new one, never half of one."""
-    write_atomically(path, json.dumps(data, indent=2))

@@ -12,6 +12,8 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 import pytest
+
+from planner.atomic import write_atomically
 import yaml
 from click.testing import CliRunner
 
@@ -378,7 +380,7 @@ def test_bad_options_are_refused_clearly(field, value, match):
 def test_output_yaml_round_trips_and_is_written_atomically(tmp_path):
     docs = render(MIXED)
     out = tmp_path / "sub" / "rayjob.yaml"
-    k8s.write_atomic(out, k8s.dump_yaml(docs))
+    write_atomically(out, k8s.dump_yaml(docs))
     assert list(yaml.safe_load_all(out.read_text())) == docs
     assert [p.name for p in out.parent.iterdir()] == ["rayjob.yaml"]  # no temp file left
 
@@ -410,7 +412,7 @@ def test_examples_in_k8s_dir_match_the_renderer(filename, tmp_path, monkeypatch,
     rendered = out.read_text()
     committed = REPO / "k8s" / filename
     if os.environ.get("RAYQUANT_UPDATE_K8S_EXAMPLES") == "1":
-        k8s.write_atomic(committed, rendered)
+        write_atomically(committed, rendered)
     assert committed.read_text() == rendered, (
         f"k8s/{filename} is stale: re-render with RAYQUANT_UPDATE_K8S_EXAMPLES=1 "
         f"pytest tests/test_k8s.py -k examples")

@@ -15,7 +15,8 @@ import textwrap
 import pytest
 
 from planner.plan import JobSpec, MemoryBreakdown, NodePlan, PlanError, TrainingPlan, WorkerAssignment
-from rayquant.zero import bnb_config_kwargs, check_zero3_plan, write_json_atomic, zero3_config, zero3_problems
+from planner.atomic import write_atomically
+from rayquant.zero import bnb_config_kwargs, check_zero3_plan, zero3_config, zero3_problems
 
 
 def zero_plan(key="A10G:1", quantization="nf4", micro=2, accum=1, optimizer="adamw_torch",
@@ -79,7 +80,7 @@ def test_plan_problems_are_all_named():
 
 def test_config_file_is_written_atomically(tmp_path):
     path = tmp_path / "ds" / "zero3.json"
-    write_json_atomic(path, zero3_config(zero_plan()))
+    write_atomically(path, json.dumps(zero3_config(zero_plan()), indent=2))
     assert json.loads(path.read_text())["zero_optimization"]["stage"] == 3
     assert [p.name for p in path.parent.iterdir()] == ["zero3.json"]
 
