@@ -31,7 +31,7 @@ from planner.plan import NodePlan, PlanError, TrainingPlan
 from rayquant.placement import CPU_DEVICE, NODE_TYPE_LABEL, node_type_label_value
 
 __all__ = ["K8sError", "K8sOptions", "NODE_TYPE_LABEL", "node_type_label_value", "gpu_label_values",
-           "worker_pod_size", "render_manifests", "dump_yaml", "write_atomic"]
+           "worker_pod_size", "render_manifests", "dump_yaml"]
 
 GFD_PRODUCT_LABEL = "nvidia.com/gpu.product"
 CONFIG_MOUNT_DIR = "/etc/rayquant"
