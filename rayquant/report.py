@@ -33,8 +33,9 @@ def plan_table(plan) -> str:
     """The human-readable plan: choices, memory breakdown and reasons per node type."""
     job = plan.job
     lines = [f"Plan for {plan.model}: {plan.num_workers} worker(s), global batch "
-             f"{plan.global_batch_size} x {job.seq_len} tokens, predicted {plan.tokens_per_second:,.0f} "
-             f"tokens/s (safety margin {job.safety_margin:.0%})", ""]
+             f"{plan.global_batch_size} x {job.seq_len} tokens, safety margin {job.safety_margin:.0%}",
+             f"Predicted throughput: up to {plan.tokens_per_second:,.0f} tokens/s (a FLOPs bound that ranks "
+             f"the choices; `rayquant calibrate` measures a GPU type)", ""]
     heads = ["node type", "nodes", "workers", "quant", "micro", "accum", "optimizer", "ckpt",
              "placement", "peak/budget GiB", "tok/s/worker"]
     rows = [[p.node_type, p.nodes, p.num_workers, p.quantization, p.micro_batch_size,
