@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from planner.hardware import GIB
 from planner.model import ModelSpec
 from planner.plan import PlanError
-
-GIB = 1024**3
 
 
 def _fill(layer_bytes: Sequence[int], room: Sequence[int], fraction: float) -> list[int] | None:

@@ -23,12 +23,9 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from planner.hardware import GpuSpec
+from planner.hardware import GIB, MIB, GpuSpec
 from planner.model import LinearShape, ModelSpec
 from planner.plan import DEFAULT_LORA_TARGETS, MemoryBreakdown, PlanError
-
-MIB = 1024**2
-GIB = 1024**3
 
 # -- weights ---------------------------------------------------------------------------------
 # bitsandbytes Params4bit / quantize_4bit (bitsandbytes/nn/modules.py, functional.py): NF4 packs two

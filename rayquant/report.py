@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-GIB = 1024**3
+from planner.hardware import GIB
+
 TERMS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits", "overhead")
 
 
