@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import collections
 
-from planner import JobSpec, PlanError, make_plan, node_types_from_dicts, parse_gpu_spec
+from planner import JobSpec, PlanError, make_plan, parse_gpu_spec
+from rayquant.inventory import load_inventory_file
 from rayquant.placement import worker_label_selectors
 
 
@@ -26,10 +27,7 @@ def main() -> int:
     args = ap.parse_args()
     try:
         if args.inventory:
-            import yaml
-
-            with open(args.inventory, encoding="utf-8") as f:
-                node_types = node_types_from_dicts(yaml.safe_load(f))
+            node_types = load_inventory_file(args.inventory)
         else:
             node_types = parse_gpu_spec(args.gpus)
         plan = make_plan(args.model, node_types, JobSpec(global_batch_size=args.global_batch))

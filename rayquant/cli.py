@@ -271,33 +271,6 @@ def _split_targets(text: str) -> tuple[str, ...]:
     return ("all",) if parts == ("all",) else parts
 
 
-def _read_inventory(path: str):
-    """Node types from a JSON or YAML inventory file (a list of node rows)."""
-    import json
-
-    from planner.hardware import node_types_from_dicts
-    from planner.plan import PlanError
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise PlanError(f"cannot read inventory {path}: {e.strerror}. To fix: pass an existing "
-                        "JSON or YAML file with rows like {\"gpu\": \"A10G\", \"count\": 4}") from None
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            rows = yaml.safe_load(text)
-        else:
-            rows = json.loads(text)
-    except Exception as e:  # json.JSONDecodeError or yaml.YAMLError: both are the file's fault
-        raise PlanError(f"inventory {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}"
-                        f" ({e}). To fix: write a list of rows like "
-                        "[{\"gpu\": \"A10G\", \"gpus_per_node\": 1, \"count\": 4}]") from None
-    return node_types_from_dicts(rows if rows is not None else [])
-
-
 @main.command("plan")
 @click.option("--model", "-m", required=True, help="Hub id from the catalog (`rayquant models`), or a "
               "local config.json / model directory.")
@@ -342,6 +315,7 @@ def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_
     from planner.hardware import parse_gpu_spec
     from planner.plan import JobSpec, PlanError
     from planner.search import make_plan
+    from rayquant.inventory import load_inventory_file
 
     if as_json and as_yaml:
         _planner_error(PlanError("--json and --yaml exclude each other: pick one"))
@@ -351,7 +325,7 @@ def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_
         if not gpus and not inventory:
             raise PlanError("no inventory: pass --gpus like 2x8xH100-80GB,4x1xA10G or "
                             "--inventory FILE")
-        node_types = (parse_gpu_spec(gpus) if gpus else ()) + (_read_inventory(inventory) if inventory else ())
+        node_types = (parse_gpu_spec(gpus) if gpus else ()) + (load_inventory_file(inventory) if inventory else ())
         job = JobSpec(seq_len=seq_len, global_batch_size=global_batch, lora_rank=lora_rank,
                       lora_targets=_split_targets(lora_targets), prefer=prefer, backend=backend,
                       safety_margin=safety_margin, quantization=quantization,

@@ -348,7 +348,8 @@ def load_inventory_file(path: str):
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise InventoryError(f"cannot read inventory file {path}: {e.strerror}") from None
+        raise InventoryError(f"cannot read inventory file {path}: {e.strerror}. To fix: pass an existing "
+                             "JSON or YAML file with rows like {\"gpu\": \"A10G\", \"count\": 4}") from None
     try:
         if str(path).endswith((".yaml", ".yml")):
             import yaml
@@ -358,7 +359,9 @@ def load_inventory_file(path: str):
             data = json.loads(text)
     except Exception as e:  # yaml.YAMLError and json.JSONDecodeError share no base but Exception
         raise InventoryError(f"inventory file {path} is not valid "
-                             f"{'YAML' if str(path).endswith(('.yaml', '.yml')) else 'JSON'}: {e}") from None
+                             f"{'YAML' if str(path).endswith(('.yaml', '.yml')) else 'JSON'} ({e}). To fix: "
+                             "write a list of rows like [{\"gpu\": \"A10G\", \"gpus_per_node\": 1, \"count\": 4}]"
+                             ) from None
     entries = data.get("nodes") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
         raise InventoryError(
