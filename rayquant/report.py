@@ -3,11 +3,13 @@ matplotlib only inside plot_plan)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from planner.hardware import GIB
+from planner.plan import MemoryBreakdown
 
-TERMS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits", "overhead")
+TERMS = tuple(f.name for f in dataclasses.fields(MemoryBreakdown))
 
 
 def gib(n_bytes: float, digits: int = 2) -> str:
