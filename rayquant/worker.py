@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from planner.hardware import GIB, lookup_gpu
 from planner.plan import NodePlan, TrainingPlan
 
 FAIL_MESSAGE = "rayquant fault injection"
@@ -64,18 +65,13 @@ def check_device(node_plan: NodePlan, rank: int) -> dict[str, Any]:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     name, total = props.name, props.total_memory
     problems = []
-    try:
-        from planner.hardware import lookup_gpu  # the GPU catalog, when present
-
-        spec = lookup_gpu(node_plan.gpu)
-        if name not in spec.nvml_names and abs(total - spec.memory_bytes) > 0.05 * spec.memory_bytes:
-            problems.append(f"device is {name!r} with {total / 2**30:.1f} GiB, the plan's {node_plan.gpu} "
-                            f"is {'/'.join(spec.nvml_names)} with {spec.memory_bytes / 2**30:.1f} GiB")
-    except ImportError:
-        pass
+    spec = lookup_gpu(node_plan.gpu)
+    if name not in spec.nvml_names and abs(total - spec.memory_bytes) > 0.05 * spec.memory_bytes:
+        problems.append(f"device is {name!r} with {total / GIB:.1f} GiB, the plan's {node_plan.gpu} "
+                        f"is {'/'.join(spec.nvml_names)} with {spec.memory_bytes / GIB:.1f} GiB")
     if total < node_plan.peak_memory_bytes:
-        problems.append(f"device {name!r} has {total / 2**30:.1f} GiB but the plan needs "
-                        f"{node_plan.peak_memory_bytes / 2**30:.1f} GiB per worker")
+        problems.append(f"device {name!r} has {total / GIB:.1f} GiB but the plan needs "
+                        f"{node_plan.peak_memory_bytes / GIB:.1f} GiB per worker")
     if problems:
         raise DeviceMismatchError(f"rank {rank} does not match its plan ({node_plan.node_type}): "
                                   + "; ".join(problems) + ". To fix: re-plan for this cluster (plan: auto).")
