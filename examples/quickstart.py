@@ -6,7 +6,7 @@ workers, then load the adapter with PEFT.
 
 from pathlib import Path
 
-from rayquant.trainer import RayQuantTrainer
+from rayquant import RayQuantTrainer
 
 HERE = Path(__file__).parent
 

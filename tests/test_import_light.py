@@ -36,3 +36,25 @@ def test_atomic_outputs_get_the_umask_permissions_not_private_ones(tmp_path):
         os.umask(old)
     assert again.read_text() == "{}" and oct(path.stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temporary file left
+
+
+def test_import_rayquant_is_light_and_the_trainer_is_reachable_from_the_package():
+    assert _loaded("import rayquant") == []
+    code = ("import rayquant, rayquant.trainer\n"
+            "assert rayquant.RayQuantTrainer is rayquant.trainer.RayQuantTrainer\n"
+            "from rayquant import RayQuantTrainer, TrainResult\n"
+            "assert 'RayQuantTrainer' in dir(rayquant)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    # Building a trainer object must not start the training stack either (it loads in fit()).
+    assert _loaded("from rayquant import RayQuantTrainer") == []
+
+
+def test_unknown_package_attribute_is_an_attribute_error():
+    import rayquant
+
+    try:
+        rayquant.NoSuchThing  # noqa: B018
+    except AttributeError as e:
+        assert "NoSuchThing" in str(e)
+    else:
+        raise AssertionError("expected AttributeError")
