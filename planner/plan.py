@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from planner.atomic import WRITTEN_BY
+
 PLAN_FORMAT_VERSION = 1
 
 QUANTIZATIONS = ("bf16", "fp16", "nf4", "dynamic-4bit", "fp8")
@@ -247,6 +249,7 @@ class TrainingPlan:
             d["samples_per_step"] = p.samples_per_step
             nodes.append(d)
         return {
+            **WRITTEN_BY,
             "version": self.version,
             "model": self.model,
             "model_summary": dict(self.model_summary),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from planner.atomic import publish_mode
+from planner.atomic import check_output, publish_mode
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -145,24 +145,48 @@ def build_manifest(plan_dict: Mapping[str, Any], gathered: GatheredAdapters, ext
             "versions": versions(), **dict(extra)}
 
 
+def is_adapter_output(path: str | os.PathLike) -> bool:
+    """True for a directory rayquant wrote with write_adapter_dir and nobody added to since: its
+    manifest says rayquant wrote it and lists every file the directory holds."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("written_by") != "rayquant":
+        return False
+    allowed = set(manifest.get("files") or ()) | {MANIFEST}
+    return {p.name for p in path.iterdir()} <= allowed
+
+
+def check_adapter_output(dest: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse `dest` for the adapter unless it is new, empty, or (with overwrite) a previous adapter
+    directory of rayquant's; raises planner.atomic.OutputExistsError."""
+    check_output(dest, overwrite=overwrite, what="adapter directory", directory=True,
+                 ours=is_adapter_output)
+
+
 def write_adapter_dir(adapter_src: str | os.PathLike, manifest: Mapping[str, Any],
-                      dest: str | os.PathLike) -> Path:
+                      dest: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Copy the adapter and write manifest.json into a temporary sibling of `dest`, then rename it
-    into place; an existing `dest` is swapped out only after the new one is complete."""
+    into place. `dest` must be new or empty, or (with `overwrite`) a previous adapter directory
+    rayquant wrote: a user's folder is never replaced (check_adapter_output). A replaced adapter is
+    swapped out only after the new one is complete."""
     dest = Path(dest).expanduser().resolve()
+    check_adapter_output(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        for name in os.listdir(adapter_src):
-            if name != "worker_stats.json":
-                shutil.copy2(Path(adapter_src) / name, tmp / name)
+        files = sorted(name for name in os.listdir(adapter_src) if name != "worker_stats.json")
+        for name in files:
+            shutil.copy2(Path(adapter_src) / name, tmp / name)
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, default=str)
+            json.dump({"written_by": "rayquant", "files": files, **manifest}, f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
         publish_mode(tmp)  # mkdtemp makes it private (0700): give it the umask's permissions
         old = None
-        if dest.exists():
+        if dest.exists():  # empty, or a previous adapter of ours (checked above)
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
         os.replace(tmp, dest)

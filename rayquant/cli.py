@@ -28,12 +28,15 @@ def main() -> None:
 @click.option("-o", "--output", "output_dir", type=click.Path(file_okay=False), default=None,
               help="Directory for the adapter and manifest.json (default: "
                    "<run.storage_path>/<run.name>/adapter).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the output directory if it holds a previous rayquant adapter (a folder "
+                   "rayquant did not write is never replaced).")
 @click.option("--address", default=None,
               help="Ray address, overriding the config's (default: RAY_ADDRESS, else a local cluster).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the plan (with --dry-run) or the result (adapter, manifest) as JSON.")
-def train_command(config_path: str, dry_run: bool, output_dir: str | None, address: str | None,
-                  as_json: bool) -> None:
+def train_command(config_path: str, dry_run: bool, output_dir: str | None, overwrite: bool,
+                  address: str | None, as_json: bool) -> None:
     """Fine-tune with LoRA/QLoRA on Ray as a YAML config says: plan, train on Ray Train workers
     (Unsloth + TRL), gather one adapter plus manifest.json. The YAML schema is documented in
     rayquant/config.py; examples/quickstart.yaml is a complete example.
@@ -45,6 +48,7 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, addre
     import dataclasses
     import json
 
+    from planner.atomic import OutputExistsError
     from planner.plan import PlanError
     from rayquant.config import ConfigError, load_train_config
     from rayquant.data import DatasetError
@@ -52,11 +56,16 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, addre
     try:
         cfg = load_train_config(config_path)
         run = dataclasses.replace(cfg.run, output_dir=output_dir) if output_dir else cfg.run
+        run = dataclasses.replace(run, overwrite=True) if overwrite else run
         from rayquant.trainer import RayQuantTrainer
 
         trainer = RayQuantTrainer(model=cfg.model, dataset=cfg.dataset, plan=cfg.plan, lora=cfg.lora,
                                   sft=cfg.sft, scaling=cfg.scaling, run=run, address=address or cfg.address)
         if dry_run:
+            if run.output_dir:
+                from rayquant.adapters import check_adapter_output
+
+                check_adapter_output(run.output_dir, run.overwrite)
             data = trainer.prepare_data()
             plan = trainer.plan()
             if as_json:
@@ -70,7 +79,7 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, addre
         if not as_json:
             click.echo(plan_table(trainer.plan()))
         result = trainer.fit()
-    except (ConfigError, DatasetError, PlanError) as e:
+    except (ConfigError, DatasetError, PlanError, OutputExistsError) as e:
         _planner_error(e)
     except Exception as e:
         import ray.exceptions
@@ -305,12 +314,16 @@ def _split_targets(text: str) -> tuple[str, ...]:
               help="Also write the plan to FILE (JSON, or YAML with --yaml), atomically.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Draw each node type's memory breakdown against its GPU to FILE.png or FILE.svg.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace -o/--plot files that hold a previous rayquant output (a file rayquant "
+                   "did not write is never replaced).")
 def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_targets, prefer,
                  quantization, backend, safety_margin, full_finetune, calibration_file, as_json, as_yaml,
-                 output, plot):
+                 output, plot, overwrite):
     """Plan a fine-tuning job on a (mixed) GPU inventory: per node type the quantization,
     micro-batch, accumulation, optimizer, checkpointing and placement, each with its reason.
     Imports neither torch nor ray."""
+    from planner.atomic import OutputExistsError, check_output
     from planner.calibration import Calibration
     from planner.hardware import parse_gpu_spec
     from planner.plan import JobSpec, PlanError
@@ -321,6 +334,12 @@ def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_
         _planner_error(PlanError("--json and --yaml exclude each other: pick one"))
     if plot and not plot.lower().endswith((".png", ".svg")):
         _planner_error(PlanError(f"--plot {plot}: the file must end in .png or .svg"))
+    try:
+        for path, what in ((output, "plan file"), (plot, "plot")):
+            if path:
+                check_output(path, overwrite=overwrite, what=what)
+    except OutputExistsError as e:
+        _planner_error(e)
     try:
         if not gpus and not inventory:
             raise PlanError("no inventory: pass --gpus like 2x8xH100-80GB,4x1xA10G or "
@@ -499,12 +518,15 @@ def estimate_command(model, gpu, quantization, double_quant, backend, seq_len, m
 @click.option("--ray-version", default=None, help="rayVersion of the cluster (default: 2.60.0).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the manifests here (atomically) instead of printing them.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an -o file that holds manifests rayquant rendered before (a file "
+                   "rayquant did not write is never replaced).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary (worker groups, resources, entrypoint) instead of YAML.")
 def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, namespace, name,
                 hf_token_secret, gpu_label, gpu_values, dataset_in_pod, pip_packages, cluster,
                 submission_mode, backoff_limit, deadline_hours, ttl_seconds, ray_version, output,
-                as_json) -> None:
+                overwrite, as_json) -> None:
     """Render KubeRay manifests from the plan: a ConfigMap (training config + plan) and a RayJob
     running `rayquant train` on it (a RayCluster with --cluster). One worker group per node type:
     replicas, nvidia.com/gpu, CPU and memory from the plan, a GPU node selector and toleration, and
@@ -520,10 +542,16 @@ def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, 
 
     import yaml
 
+    from planner.atomic import OutputExistsError, check_output
     from planner.plan import PlanError
     from rayquant import k8s
     from rayquant.config import ConfigError
 
+    try:
+        if output:
+            check_output(output, overwrite=overwrite, what="manifest file")
+    except OutputExistsError as e:
+        raise click.ClickException(str(e)) from None
     try:
         try:
             with open(config_path, encoding="utf-8") as f:
@@ -582,16 +610,25 @@ def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, 
               help="Print JSON; its `nodes` rows are an inventory file for `rayquant plan --inventory`.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Also write the inventory (JSON, or YAML for .yaml/.yml) for planning offline.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an -o file that holds a previous rayquant inventory (a file rayquant "
+                   "did not write is never replaced).")
 def inventory_command(address: str | None, local_only: bool, cpu_nodes: bool | None, as_json: bool,
-                      output: str | None) -> None:
+                      output: str | None, overwrite: bool) -> None:
     """Show the cluster's node types: GPUs read on every node through NVML, grouped by hardware."""
     import json
 
+    from planner.atomic import WRITTEN_BY, OutputExistsError, SIGNATURE, check_output
     from planner.plan import PlanError
     from rayquant import inventory
 
     if local_only and address:
         _planner_error(PlanError("--local reads this machine only; drop --address, or drop --local"))
+    try:
+        if output:
+            check_output(output, overwrite=overwrite, what="inventory file")
+    except OutputExistsError as e:
+        _planner_error(e)
     try:
         if local_only:
             probes = [inventory.probe_local()]
@@ -614,9 +651,10 @@ def inventory_command(address: str | None, local_only: bool, cpu_nodes: bool | N
         if output.endswith((".yaml", ".yml")):
             import yaml
 
-            write_atomically(output, yaml.safe_dump({"nodes": rows}, sort_keys=False))
+            write_atomically(output, f"# {SIGNATURE} inventory\n"
+                             + yaml.safe_dump({"nodes": rows}, sort_keys=False))
         else:
-            write_atomically(output, json.dumps({"nodes": rows}, indent=2) + "\n")
+            write_atomically(output, json.dumps({**WRITTEN_BY, "nodes": rows}, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

@@ -16,7 +16,7 @@ YAML schema of `rayquant train CONFIG.yaml` (only `model` and `dataset` are requ
               text_field: text, prefer: balanced, backend: unsloth, quantization: nf4,
               optimizer: adamw_8bit, micro_batch_size: null, gradient_checkpointing: null}
     scaling: {num_workers: 2, use_gpu: null, gpus: null, cpus_per_worker: 1}
-    run:     {name: quickstart, storage_path: ~/rayquant_runs, output_dir: null,
+    run:     {name: quickstart, storage_path: ~/rayquant_runs, output_dir: null, overwrite: false,
               checkpoint_every_steps: 10, keep_checkpoints: 2, max_failures: 1}
 """
 
@@ -171,6 +171,9 @@ class RunOptions:
     name: str | None = None  # None: rayquant-<model>-<timestamp>
     storage_path: str = "~/rayquant_runs"
     output_dir: str | None = None  # None: <storage_path>/<name>/adapter
+    # Replace output_dir when it holds a previous rayquant adapter; a folder rayquant did not write
+    # is never replaced.
+    overwrite: bool = False
     checkpoint_every_steps: int | None = None  # None: only at the end
     keep_checkpoints: int = 2
     max_failures: int = 0
@@ -184,6 +187,8 @@ class RunOptions:
             p.append(f"run.storage_path must be a directory path, got {self.storage_path!r}")
         if self.output_dir is not None and not isinstance(self.output_dir, str):
             p.append(f"run.output_dir must be a directory path, got {self.output_dir!r}")
+        if not isinstance(self.overwrite, bool):
+            p.append(f"run.overwrite must be true or false, got {self.overwrite!r}")
         _int_at_least(p, "run.checkpoint_every_steps", self.checkpoint_every_steps, 1, allow_none=True)
         _int_at_least(p, "run.keep_checkpoints", self.keep_checkpoints, 1)
         _int_at_least(p, "run.max_failures", self.max_failures, 0)

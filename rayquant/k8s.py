@@ -574,7 +574,11 @@ def dump_yaml(docs: list[dict]) -> str:
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
     _Dumper.add_representer(str, _str)
-    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+    from planner.atomic import SIGNATURE
+
+    # The signature lets `rayquant k8s -o` tell its own earlier output from a user's file.
+    return (f"# {SIGNATURE} k8s: re-render with `rayquant k8s` rather than editing by hand\n"
+            + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100))
 
 
 def manifest_summary(docs: list[dict]) -> dict[str, Any]:

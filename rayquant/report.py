@@ -84,9 +84,11 @@ def plot_plan(plan, path: str) -> None:
     ax.set_title(f"{plan.model}: predicted peak memory per worker")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    from planner.atomic import write_atomically
+    from planner.atomic import SIGNATURE, write_atomically
 
+    # The signature in the file's metadata lets a later --plot tell its own plot from a user's file.
+    meta = {"Creator": SIGNATURE} if str(path).lower().endswith(".svg") else {"Software": SIGNATURE}
     try:
-        write_atomically(path, write=fig.savefig)
+        write_atomically(path, write=lambda tmp: fig.savefig(tmp, metadata=meta))
     finally:
         plt.close(fig)

@@ -258,6 +258,9 @@ class RayQuantTrainer:
             name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
             run_dir = storage / name
         dest = Path(run.output_dir).expanduser() if run.output_dir else run_dir / "adapter"
+        from rayquant.adapters import check_adapter_output
+
+        check_adapter_output(dest, run.overwrite)  # refuse a user's folder now, not after training
 
         import ray
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -321,7 +324,7 @@ class RayQuantTrainer:
                         "fit_wall_s": wall_s, "dataset_rows": data.num_rows, "dataset_format": data.format,
                         "ray_address": self._ray_address() or "local"},
                 "sft": asdict(self.options.sft)})
-            adapter_dir = write_adapter_dir(gathered.adapter_dir, manifest, dest)
+            adapter_dir = write_adapter_dir(gathered.adapter_dir, manifest, dest, overwrite=run.overwrite)
         write_atomically(run_dir / FINISHED_MARKER,
                          json.dumps({"adapter_dir": str(adapter_dir), "steps": total_steps}, indent=2))
         metrics = dict(result.metrics or {}, fit_wall_s=wall_s)

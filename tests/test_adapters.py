@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rayquant.adapters import (MANIFEST, AdapterMismatchError, adapter_sha256, gather, loss_summary,
-                               write_adapter_dir)
+from planner.atomic import OutputExistsError
+from rayquant.adapters import (MANIFEST, AdapterMismatchError, adapter_sha256, gather, is_adapter_output,
+                               loss_summary, write_adapter_dir)
 
 
 def _adapter(d, scale=1.0, metadata=None):
@@ -54,24 +55,66 @@ def test_gather_fails_loudly_on_mismatch_or_missing_rank(tmp_path):
         gather(tmp_path, 3)
 
 
+def _manifest(dest):
+    m = json.loads((dest / MANIFEST).read_text())
+    assert m["written_by"] == "rayquant" and MANIFEST not in m["files"]
+    return {k: v for k, v in m.items() if k not in ("written_by", "files")}
+
+
 def test_write_adapter_dir_replaces_only_when_complete(tmp_path):
     src = _adapter(tmp_path / "src")
     dest = tmp_path / "out" / "adapter"
     write_adapter_dir(src, {"v": 1}, dest)
-    assert json.loads((dest / MANIFEST).read_text()) == {"v": 1}
+    assert _manifest(dest) == {"v": 1}
     assert adapter_sha256(dest) == adapter_sha256(src)
     # A failure while writing (here: the source vanished) leaves the previous output untouched.
     with pytest.raises(FileNotFoundError):
-        write_adapter_dir(tmp_path / "gone", {"v": 2}, dest)
-    assert json.loads((dest / MANIFEST).read_text()) == {"v": 1}
-    write_adapter_dir(src, {"v": 3}, dest)
-    assert json.loads((dest / MANIFEST).read_text()) == {"v": 3}
+        write_adapter_dir(tmp_path / "gone", {"v": 2}, dest, overwrite=True)
+    assert _manifest(dest) == {"v": 1}
+    write_adapter_dir(src, {"v": 3}, dest, overwrite=True)
+    assert _manifest(dest) == {"v": 3}
     assert sorted(os.listdir(dest.parent)) == ["adapter"]  # no temporary or old copies left
     # Readable like any new directory (the temporary one it was written into starts 0700).
     mask = os.umask(0)
     os.umask(mask)
     assert (dest.stat().st_mode & 0o777) == 0o777 & ~mask
     assert ((dest / MANIFEST).stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+def test_write_adapter_dir_never_replaces_a_users_folder(tmp_path):
+    # The reported data loss: `-o proj` moved proj/ aside and deleted it, with proj/src/main.py.
+    src = _adapter(tmp_path / "src")
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "src" / "main.py").write_text("x\n")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match=r"not written by rayquant \(it holds src/\)"):
+            write_adapter_dir(src, {"v": 1}, proj, overwrite=overwrite)
+    assert (proj / "src" / "main.py").read_text() == "x\n"
+    assert sorted(os.listdir(tmp_path)) == ["proj", "src"]  # nothing half-written beside it
+    # A file where the directory should go is refused too; an empty directory is used.
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        write_adapter_dir(src, {"v": 1}, tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    write_adapter_dir(src, {"v": 1}, tmp_path / "empty")
+    assert _manifest(tmp_path / "empty") == {"v": 1}
+
+
+def test_a_previous_adapter_is_replaced_only_with_overwrite_and_only_if_untouched(tmp_path):
+    src = _adapter(tmp_path / "src")
+    dest = tmp_path / "adapter"
+    write_adapter_dir(src, {"v": 1}, dest)
+    assert is_adapter_output(dest)
+    with pytest.raises(OutputExistsError, match="previous adapter directory written by rayquant.*--overwrite"):
+        write_adapter_dir(src, {"v": 2}, dest)
+    assert _manifest(dest) == {"v": 1}
+    # The user added a file of their own: the folder is no longer only ours, so it is kept.
+    (dest / "notes.txt").write_text("mine")
+    assert not is_adapter_output(dest)
+    with pytest.raises(OutputExistsError, match="not written by rayquant"):
+        write_adapter_dir(src, {"v": 2}, dest, overwrite=True)
+    assert (dest / "notes.txt").read_text() == "mine" and _manifest(dest) == {"v": 1}
 
 
 def test_loss_summary():
