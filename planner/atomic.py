@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from planner.vocab import SettingError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -62,7 +64,7 @@ _MARKERS = (SIGNATURE.encode(), b'"written_by": "rayquant"', b"written_by: rayqu
 _HEAD_BYTES = 8192
 
 
-class OutputExistsError(ValueError):
+class OutputExistsError(SettingError):
     """An output path already holds something rayquant may not replace (a user's file or folder,
     or a previous output without `overwrite`)."""
 
@@ -115,5 +117,5 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, what: str, directo
                                       f"for the {what}")
     if not overwrite:
         raise OutputExistsError(path, f"{path} holds a previous {what} written by rayquant. To fix: "
-                                      f"pass --overwrite (run.overwrite: true in a config) to replace "
+                                      f"add {{overwrite}} to replace "
                                       f"it atomically, or choose another path")

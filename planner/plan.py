@@ -12,21 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from planner.atomic import WRITTEN_BY
+from planner.vocab import (BACKENDS, CHECKPOINTING, DEFAULT_LORA_RANK, DEFAULT_LORA_TARGETS, OPTIMIZERS,
+                           PLACEMENTS, PREFERENCES, QUANTIZATIONS, SettingError, default_lora_alpha)
 
 PLAN_FORMAT_VERSION = 1
 
-QUANTIZATIONS = ("bf16", "fp16", "nf4", "dynamic-4bit", "fp8")
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
-CHECKPOINTING = ("none", "hf", "unsloth")
-PLACEMENTS = ("per-gpu", "node-spanning", "zero3")
-BACKENDS = ("unsloth", "hf")
-PREFERENCES = ("accuracy", "balanced", "speed")
-# The linear layers of a decoder block that LoRA may target (Llama/Qwen/Mistral/Gemma names).
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-class PlanError(ValueError):
-    """Nothing (or not the asked-for thing) fits: the message says what is missing and how to fix it."""
+class PlanError(SettingError):
+    """Nothing (or not the asked-for thing) fits, or a planner input is invalid: the message says
+    what is missing and how to fix it, naming settings as {placeholders} each face spells its way."""
 
 
 def _check_choice(problems: list[str], name: str, value: Any, choices: tuple) -> None:
@@ -36,7 +30,7 @@ def _check_choice(problems: list[str], name: str, value: Any, choices: tuple) ->
 
 def _raise_if(problems: list[str], what: str) -> None:
     if problems:
-        raise ValueError(f"invalid {what}: " + "; ".join(problems))
+        raise PlanError(f"invalid {what}: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -45,8 +39,8 @@ class JobSpec:
 
     seq_len: int = 2048
     global_batch_size: int = 16  # sequences per optimizer step, summed over all workers
-    lora_rank: int = 16
-    lora_alpha: int | None = None  # None: equal to lora_rank
+    lora_rank: int = DEFAULT_LORA_RANK
+    lora_alpha: int | None = None  # None: planner.vocab.default_lora_alpha(lora_rank)
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     full_finetune: bool = False
@@ -88,7 +82,7 @@ class JobSpec:
 
     @property
     def effective_lora_alpha(self) -> int:
-        return self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return default_lora_alpha(self.lora_rank) if self.lora_alpha is None else self.lora_alpha
 
 
 @dataclass(frozen=True)

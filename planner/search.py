@@ -16,6 +16,7 @@ from planner.memory import GIB, MemoryEstimate, budget_bytes, estimate_memory, m
 from planner.model import ModelSpec, load_model_spec
 from planner.plan import JobSpec, NodePlan, PlanError, TrainingPlan, WorkerAssignment
 from planner.throughput import tokens_per_second
+from planner.vocab import OPTIMIZERS
 
 if TYPE_CHECKING:
     from planner.calibration import Calibration
@@ -26,7 +27,6 @@ EXACT_BATCH_SLOWDOWN = 1.25
 MAX_BATCH_OVERSHOOT = 0.125  # ... and is at most this much larger (unless no exact split exists)
 # Warn when leaving a node type out would make the job this much faster.
 PACING_WARNING = 1.5
-_OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")  # tie-break order: exact first
 _PRECISION_RANK = {"bf16": 0, "fp16": 0, "fp8": 1, "dynamic-4bit": 2, "nf4": 3}
 
 
@@ -160,14 +160,14 @@ def _better(a: _Config | None, b: _Config | None, job: JobSpec) -> bool:
         return _PRECISION_RANK[a.quantization] < _PRECISION_RANK[b.quantization]
     if not math.isclose(a.tokens_per_s, b.tokens_per_s, rel_tol=1e-9):
         return a.tokens_per_s > b.tokens_per_s
-    key = lambda c: (_PRECISION_RANK[c.quantization], _OPTIMIZERS.index(c.optimizer),
+    key = lambda c: (_PRECISION_RANK[c.quantization], OPTIMIZERS.index(c.optimizer),
                      c.checkpointing != "none", -c.micro_batch)
     return key(a) < key(b)
 
 
 def _best(model, nt, job, budget, quantizations, placement, micro_batches, calibration) -> _Config | None:
     """The best configuration over quantizations, optimizers, checkpointing and `micro_batches`."""
-    optimizers = (job.optimizer,) if job.optimizer else _OPTIMIZERS
+    optimizers = (job.optimizer,) if job.optimizer else OPTIMIZERS
     modes = _checkpointing_modes(job, "hf" if placement == "zero3" else job.backend)
     best = None
     for q in quantizations:

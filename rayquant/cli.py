@@ -269,9 +269,20 @@ def calibrate_command(model, quantizations, seq_lens, micro_batches, backend, gr
 # -- planner: plan / estimate -------------------------------------------------------------------
 
 
+_CLI_SPELLING = {"global_batch_size": "--global-batch", "micro_batch_size": "--micro-batch",
+                 "calibration": "--calibration FILE", "output": "-o"}
+
+
+def cli_spelling(setting: str) -> str:
+    """A setting's neutral name (planner.vocab.SETTINGS) as this CLI's option."""
+    return _CLI_SPELLING.get(setting, "--" + setting.replace("_", "-"))
+
+
 def _planner_error(e: Exception) -> None:
     """A user mistake (PlanError/ValueError): one clear message, exit code 2, no traceback."""
-    click.echo(f"Error: {e}", err=True)
+    from planner.vocab import SettingError
+
+    click.echo(f"Error: {e.render(cli_spelling) if isinstance(e, SettingError) else e}", err=True)
     raise SystemExit(2)
 
 
@@ -551,7 +562,7 @@ def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, 
         if output:
             check_output(output, overwrite=overwrite, what="manifest file")
     except OutputExistsError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(e.render(cli_spelling)) from None
     try:
         try:
             with open(config_path, encoding="utf-8") as f:

@@ -9,7 +9,7 @@ YAML schema of `rayquant train CONFIG.yaml` (only `model` and `dataset` are requ
     dataset: examples/data/tiny.jsonl # JSON / JSONL / Parquet file
     plan: auto                        # auto | path to a plan JSON written by `rayquant plan --json`
     address: null                     # Ray address; null: RAY_ADDRESS or a local cluster
-    lora:    {rank: 16, alpha: 32, dropout: 0.0, targets: [q_proj, v_proj]}
+    lora:    {rank: 16, alpha: null, dropout: 0.0, targets: [q_proj, v_proj]}  # alpha null: = rank
     sft:     {seq_len: 256, global_batch_size: 8, learning_rate: 2.0e-4, max_steps: 40,
               num_epochs: 1.0, warmup_steps: 0, lr_scheduler: linear, weight_decay: 0.0,
               max_grad_norm: 1.0, logging_steps: 10, seed: 0, dataset_format: auto,
@@ -27,10 +27,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from planner.plan import BACKENDS, CHECKPOINTING, DEFAULT_LORA_TARGETS, OPTIMIZERS, PREFERENCES, QUANTIZATIONS
-
-DATASET_FORMATS = ("auto", "text", "messages", "alpaca")
-LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+from planner.vocab import (BACKENDS, CHECKPOINTING, DATASET_FORMATS, DEFAULT_LORA_RANK, DEFAULT_LORA_TARGETS,
+                           LR_SCHEDULERS, OPTIMIZERS, PREFERENCES, QUANTIZATIONS, default_lora_alpha)
 
 
 class ConfigError(ValueError):
@@ -64,9 +62,10 @@ def _choice(problems: list[str], name: str, value: Any, choices: tuple, allow_no
 
 @dataclass(frozen=True)
 class LoraOptions:
-    """LoRA adapter shape: rank, alpha (None: 2 x rank), dropout and target modules."""
+    """LoRA adapter shape: rank, alpha (None: planner.vocab.default_lora_alpha, the rank), dropout
+    and target modules."""
 
-    rank: int = 16
+    rank: int = DEFAULT_LORA_RANK
     alpha: int | None = None
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
@@ -89,7 +88,7 @@ class LoraOptions:
 
     @property
     def effective_alpha(self) -> int:
-        return 2 * self.rank if self.alpha is None else self.alpha
+        return default_lora_alpha(self.rank) if self.alpha is None else self.alpha
 
 
 @dataclass(frozen=True)

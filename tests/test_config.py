@@ -59,7 +59,10 @@ def test_bad_yaml_is_a_config_error(tmp_path):
 
 def test_lora_targets_from_a_comma_string():
     assert LoraOptions(targets="q_proj, v_proj").targets == ("q_proj", "v_proj")
-    assert LoraOptions(rank=8).effective_alpha == 16
+    # One alpha default on every path: the trainer's options and the planner's JobSpec agree.
+    from planner.plan import JobSpec
+
+    assert LoraOptions(rank=8).effective_alpha == JobSpec(lora_rank=8).effective_lora_alpha == 8
 
 
 def test_trainer_arguments_collect_every_problem(tmp_path):
