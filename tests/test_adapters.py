@@ -106,7 +106,7 @@ def test_a_previous_adapter_is_replaced_only_with_overwrite_and_only_if_untouche
     dest = tmp_path / "adapter"
     write_adapter_dir(src, {"v": 1}, dest)
     assert is_adapter_output(dest)
-    with pytest.raises(OutputExistsError, match="previous adapter directory written by rayquant.*--overwrite"):
+    with pytest.raises(OutputExistsError, match="previous adapter directory written by rayquant.*add overwrite"):
         write_adapter_dir(src, {"v": 2}, dest)
     assert _manifest(dest) == {"v": 1}
     # The user added a file of their own: the folder is no longer only ours, so it is kept.
