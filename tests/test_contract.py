@@ -1,5 +1,5 @@
 """The driver-worker contract (rayquant.contract): strict JSON round trips of what the driver sends
-(WorkerConfig) and what each worker sends back (WorkerStats).
+(WorkerConfig) and what each worker sends back (WorkerStats), and the worker's own checkpoint state.
 
 The samples below are literal JSON as this version writes it, not built from the classes: renaming
 a field on either side breaks a test here instead of a run."""
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -95,6 +97,17 @@ def test_manifest_forms_of_device_and_quantization():
     assert q["protected_reasons"] == STATS["quantization"]["details"]["protected_reasons"]
 
 
+def test_the_loaders_info_becomes_the_quantization_report():
+    from rayquant.loading import quantization_report
+
+    info = {"backend": "unsloth", "quantization_planned": "dynamic-4bit", "quantization_used": "dynamic-4bit",
+            "compute_dtype": "bfloat16", "linear4bit_modules": 11, "trainable_parameters": 28672,
+            "protected_modules": ["model.layers.0.mlp.down_proj"], "protected_cost_bytes": 1024,
+            "protected_budget_bytes": 4096, "reasons": {"model.layers.0.mlp.down_proj": "largest NF4 error"}}
+    got = quantization_report(info, {"linear4bit": 11, "fp8_rowwise": 0})
+    assert got == QuantizationReport.from_dict(STATS["quantization"])
+
+
 # -- a field renamed, dropped or added fails loudly -------------------------------------------------
 
 @pytest.mark.parametrize("edit, words", [
@@ -144,3 +157,35 @@ def test_missing_and_unknown_fields_are_named_together():
         WorkerStats.from_dict(raw)
     with pytest.raises(ContractError, match="must be a JSON object, got list"):
         WorkerConfig.from_json("[]")
+
+
+def test_both_sides_import_the_contract_without_torch_or_ray():
+    code = ("import sys, rayquant.contract, rayquant.worker, rayquant.worker.checkpoint, "
+            "rayquant.worker.fault_injection\n"
+            "print(' '.join(m for m in ('torch', 'ray', 'transformers', 'unsloth') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+# -- within the workers: the checkpoint state a restarted run reads --------------------------------
+
+def test_checkpoint_state_round_trips_and_refuses_another_shape():
+    from rayquant.worker.checkpoint import CheckpointState
+
+    state = CheckpointState(global_step=2, data_position_rows=14, world_size=2, losses=[[1, 5.5], [2, 5.25]])
+    assert CheckpointState.from_json(state.to_json(), "here") == state and state.losses[1] == (2, 5.25)
+    raw = json.loads(state.to_json())
+    raw["workers"] = raw.pop("world_size")
+    with pytest.raises(RuntimeError, match="checkpoint state here does not match this rayquant.*workers"):
+        CheckpointState.from_json(json.dumps(raw), "here")
+
+
+def test_fault_injection_reaches_the_workers_only_when_the_driver_asks(monkeypatch, tmp_path):
+    from rayquant.worker import fault_injection as fi
+
+    monkeypatch.delenv(fi.FAIL_AT_STEP_ENV, raising=False)
+    monkeypatch.delenv(fi.FAIL_RANK_ENV, raising=False)
+    assert fi.worker_env(tmp_path, 2) == {}
+    monkeypatch.setenv(fi.FAIL_AT_STEP_ENV, "3")
+    spec = json.loads(fi.worker_env(tmp_path, 2)[fi.WORKER_ENV])
+    assert spec == {"step": 3, "rank": 1, "marker": str(tmp_path / fi.MARKER)}  # default: the last rank
