@@ -37,7 +37,8 @@ def direct_run(steps: int, storage: str) -> dict:
 
     from rayquant.loading import load_for_training
     from rayquant.trainer import resolve_model
-    from rayquant.worker import make_sft_trainer
+    from rayquant.contract import SftSettings
+    from rayquant.worker.sft import make_sft_trainer
 
     rq = _trainer(steps, storage)
     plan = rq.plan()
@@ -47,9 +48,9 @@ def direct_run(steps: int, storage: str) -> dict:
     t0 = time.perf_counter()
     model, tok, _ = load_for_training(resolve_model(MODEL), node, plan.job, device_map={"": "cpu"})
     load_s = time.perf_counter() - t0
-    config = {"sft": dataclasses.asdict(rq.options.sft), "total_steps": steps, "seq_len": plan.job.seq_len,
-              "format": data.format, "checkpoint_every_steps": None}
-    trainer, optimizer = make_sft_trainer(model, tok, data.dataset, node, config, tempfile.mkdtemp())
+    settings = SftSettings.from_options(rq.options.sft, max_steps=steps, seq_len=plan.job.seq_len,
+                                        dataset_format=data.format)
+    trainer, optimizer = make_sft_trainer(model, tok, data.dataset, node, settings, tempfile.mkdtemp())
     t0 = time.perf_counter()
     out = trainer.train()
     train_s = time.perf_counter() - t0

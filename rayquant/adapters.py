@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from planner.atomic import check_output, publish_mode
+from rayquant.contract import WORKER_STATS_FILE, WorkerStats
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,7 +42,7 @@ def adapter_sha256(adapter_dir: str | os.PathLike) -> str:
 @dataclass(frozen=True)
 class GatheredAdapters:
     adapter_dir: Path  # rank 0's adapter (all ranks' are identical)
-    worker_stats: tuple[dict, ...]  # one per rank, by rank
+    worker_stats: tuple[WorkerStats, ...]  # one per rank, by rank
     sha256: str
 
 
@@ -54,11 +55,11 @@ def gather(result_dir: str | os.PathLike, world_size: int) -> GatheredAdapters:
         if not (d / ADAPTER_WEIGHTS).exists():
             missing.append(rank)
             continue
-        s = json.loads((d / "worker_stats.json").read_text())
+        s = WorkerStats.from_json((d / WORKER_STATS_FILE).read_text())
         recomputed = adapter_sha256(d)
-        if recomputed != s["adapter_sha256"]:
+        if recomputed != s.adapter_sha256:
             raise AdapterMismatchError(f"rank {rank}'s adapter changed after it was hashed "
-                                       f"({s['adapter_sha256'][:12]} -> {recomputed[:12]}): storage is corrupt")
+                                       f"({s.adapter_sha256[:12]} -> {recomputed[:12]}): storage is corrupt")
         hashes[rank] = recomputed
         stats.append(s)
     if missing:
@@ -98,50 +99,29 @@ def versions() -> dict[str, str]:
     return out
 
 
-# What the loader reports about the scheme it applied (rayquant.loading / fp8.after_load /
-# dynamic4bit.after_load); a key absent from a worker's load info did not apply to its scheme.
-_QUANTIZATION_DETAILS = ("linear4bit_modules", "fp8_path", "fp8_modules", "fp8_weight_bytes",
-                         "protected_modules", "protected_cost_bytes", "protected_budget_bytes",
-                         "protected_weight_bytes", "protected_restored_after_load", "candidates")
-
-
-def quantization_record(stats: Mapping[str, Any]) -> dict[str, Any]:
-    """One worker's quantization for the manifest: planned and used scheme, the scheme's details
-    (FP8 modules and bytes; dynamic 4-bit's protected modules, why each, their cost and budget) and
-    the quantized layers its base still held when training ended."""
-    load = stats["load"]
-    record = {"planned": load["quantization_planned"], "used": load["quantization_used"]}
-    record.update({k: load[k] for k in _QUANTIZATION_DETAILS if k in load})
-    if "reasons" in load:
-        record["protected_reasons"] = load["reasons"]
-    if "quantized_modules_after_training" in stats:
-        record["modules_after_training"] = stats["quantized_modules_after_training"]
-    return record
-
-
 def build_manifest(plan_dict: Mapping[str, Any], gathered: GatheredAdapters, extra: Mapping[str, Any]) -> dict:
     """The manifest: the plan; per worker, measured next to predicted; loss summary; versions; hashes."""
     workers = []
     for s in gathered.worker_stats:
         workers.append({
-            "rank": s["rank"], "node_type": s["node_type"], "hostname": s["hostname"],
-            "node_id": s["node_id"], "device": s["device"],
-            "placement": s["placement"], "engine": s["engine"],
-            "quantization": quantization_record(s),
-            "optimizer": {"planned": s["optimizer_planned"], "used": s["optimizer_used"]},
-            "micro_batch_size": s["micro_batch_size"],
-            "gradient_accumulation_steps": s["gradient_accumulation_steps"],
-            "shard_rows": s["shard_rows"], "steps": s["global_steps"], "resumed_from_step": s["resumed_from_step"],
-            "peak_memory_bytes": {"measured": s["peak_memory_bytes"], "source": s["peak_memory_source"],
-                                  "predicted": s["predicted_peak_memory_bytes"]},
-            "tokens_per_s": {"measured": s["tokens_per_s"], "predicted": s["predicted_tokens_per_s"]},
-            "train_s": s["train_s"],
-            "trainable_parameters": s["load"]["trainable_parameters"],
-            "adapter_dtype": s["adapter_dtype"],
-            "adapter_sha256": s["adapter_sha256"],
+            "rank": s.rank, "node_type": s.node_type, "hostname": s.hostname,
+            "node_id": s.node_id, "device": s.device.to_dict(),
+            "placement": s.placement, "engine": s.engine,
+            "quantization": s.quantization.to_manifest(),
+            "optimizer": {"planned": s.optimizer_planned, "used": s.optimizer_used},
+            "micro_batch_size": s.micro_batch_size,
+            "gradient_accumulation_steps": s.gradient_accumulation_steps,
+            "shard_rows": s.shard_rows, "steps": s.global_steps, "resumed_from_step": s.resumed_from_step,
+            "peak_memory_bytes": {"measured": s.peak_memory_bytes, "source": s.peak_memory_source,
+                                  "predicted": s.predicted_peak_memory_bytes},
+            "tokens_per_s": {"measured": s.tokens_per_s, "predicted": s.predicted_tokens_per_s},
+            "train_s": s.train_s,
+            "trainable_parameters": s.trainable_parameters,
+            "adapter_dtype": s.adapter_dtype,
+            "adapter_sha256": s.adapter_sha256,
         })
     return {"format": 1, "plan": dict(plan_dict), "adapter_sha256": gathered.sha256, "workers": workers,
-            "loss": loss_summary([tuple(x) for x in gathered.worker_stats[0]["losses"]]),
+            "loss": loss_summary(list(gathered.worker_stats[0].losses)),
             "versions": versions(), **dict(extra)}
 
 
@@ -177,7 +157,7 @@ def write_adapter_dir(adapter_src: str | os.PathLike, manifest: Mapping[str, Any
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        files = sorted(name for name in os.listdir(adapter_src) if name != "worker_stats.json")
+        files = sorted(name for name in os.listdir(adapter_src) if name != WORKER_STATS_FILE)
         for name in files:
             shutil.copy2(Path(adapter_src) / name, tmp / name)
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:

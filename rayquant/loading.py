@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from planner.plan import JobSpec, NodePlan
+from rayquant.contract import QuantizationReport
 
 _CHECKPOINTING = {"none": False, "hf": True, "unsloth": "unsloth"}
 _FOUR_BIT = ("nf4", "dynamic-4bit")
@@ -49,6 +50,25 @@ def quantized_module_counts(model) -> dict[str, int]:
 
     return {"linear4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
             "fp8_rowwise": sum(isinstance(m, Fp8RowwiseLinear) for m in model.modules())}
+
+
+# What load_for_training's info holds about the scheme it applied (here, fp8.after_load and
+# dynamic4bit.after_load) that the manifest shows; a key absent did not apply to the scheme.
+_QUANTIZATION_DETAILS = ("linear4bit_modules", "fp8_path", "fp8_modules", "fp8_weight_bytes",
+                         "protected_modules", "protected_cost_bytes", "protected_budget_bytes",
+                         "protected_weight_bytes", "protected_restored_after_load", "candidates")
+
+
+def quantization_report(info: Mapping[str, Any], modules_after_training: Mapping[str, int]) -> QuantizationReport:
+    """One worker's quantization for the manifest, from load_for_training's info: planned and used
+    scheme, the scheme's details (FP8 modules and bytes; dynamic 4-bit's protected modules, why
+    each, their cost and budget), and the quantized layers (quantized_module_counts) its base held
+    when training ended."""
+    details = {k: info[k] for k in _QUANTIZATION_DETAILS if k in info}
+    if "reasons" in info:
+        details["protected_reasons"] = info["reasons"]
+    return QuantizationReport(planned=info["quantization_planned"], used=info["quantization_used"],
+                              details=details, modules_after_training=modules_after_training)
 
 
 def load_for_training(model_path: str, node_plan: NodePlan, job: JobSpec, *,

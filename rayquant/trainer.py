@@ -267,7 +267,9 @@ class RayQuantTrainer:
         from ray.train.torch import TorchTrainer
 
         from rayquant.adapters import build_manifest, gather, write_adapter_dir
+        from rayquant.contract import SftSettings, WorkerConfig
         from rayquant.progress import ProgressPrinter
+        from rayquant.worker import fault_injection
 
         model_path = resolve_model(self.model)  # build tiny models once here, not in every worker
         if data.format == "messages":  # fail here, not in every worker, if the template cannot mask turns
@@ -283,24 +285,24 @@ class RayQuantTrainer:
                 check_chat_template(tokenizer, self.model)
         init_ray(self._ray_address())
         scaling_kwargs = self._scaling_kwargs(plan)
-        fail_at = int(os.environ.get("RAYQUANT_FAIL_AT_STEP", "0") or 0)
+        # The workers' environment, set by Ray when it starts their processes (worker_runtime_env).
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env["RAYQUANT_BACKEND"] = plan.node_plans[0].backend
         # Ray Train routes workers' print() to a logger, which leaks the disassembly dill prints
         # into a captured stdout while `datasets` fingerprints TRL's map functions.
         env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-        config = {
-            "plan": plan.to_dict(), "model": self.model, "model_path": None, "format": data.format,
-            "data_ref": ray.put(data.dataset), "sft": asdict(self.options.sft), "seq_len": plan.job.seq_len,
-            "total_steps": total_steps, "global_batch_size": plan.global_batch_size,
-            "world_size": plan.num_workers, "checkpoint_every_steps": run.checkpoint_every_steps, "env": env,
-            # Each worker re-checks that it landed where its selector says (rayquant.placement).
-            "label_selectors": scaling_kwargs.get("label_selector"),
-            "fail_at_step": fail_at or None,
-            "fail_rank": int(os.environ.get("RAYQUANT_FAIL_RANK", plan.num_workers - 1)),
-            "fail_marker": str(run_dir / ".rayquant-fault-injected") if fail_at else None,
-        }
+        env.update(fault_injection.worker_env(run_dir, plan.num_workers))  # test-only, usually {}
+        worker_config = WorkerConfig(
+            plan=plan, model=self.model,
+            sft=SftSettings.from_options(self.options.sft, max_steps=total_steps, seq_len=plan.job.seq_len,
+                                         dataset_format=data.format,
+                                         checkpoint_every_steps=run.checkpoint_every_steps),
+            label_selectors=scaling_kwargs.get("label_selector"))
+        # The WorkerConfig travels as its JSON, the form tests/test_contract.py round-trips; the
+        # dataset beside it as a Ray object reference, which has no JSON form and is put once for
+        # all workers rather than copied into each one's config.
+        config = {"worker_config": worker_config.to_json(), "dataset": ray.put(data.dataset)}
         print(f"[rayquant] training {self.model}: {plan.num_workers} workers, {total_steps} steps of "
               f"{plan.global_batch_size} sequences, run {name} in {storage}", flush=True)
         trainer = TorchTrainer(
@@ -361,16 +363,8 @@ FINISHED_MARKER = "rayquant_finished.json"  # in the run dir: its final checkpoi
 
 def _train_loop(config: dict) -> None:
     # Imported in the worker: the driver needs neither unsloth nor a GPU.
-    import logging
-
+    from rayquant.contract import WorkerConfig
     from rayquant.worker import train_loop_per_worker
 
-    # Ray Train logs every report at INFO on every rank, which drowns the driver's progress lines.
-    # Its logger is named after the module's file (ray 2.60: logging.getLogger(__file__)).
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-    config = dict(config, model_path=resolve_model(config["model"]))
-    train_loop_per_worker(config)
-
+    worker_config = WorkerConfig.from_json(config["worker_config"])
+    train_loop_per_worker(worker_config, config["dataset"], model_path=resolve_model(worker_config.model))

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from planner.atomic import OutputExistsError
-from rayquant.adapters import (MANIFEST, AdapterMismatchError, adapter_sha256, gather, is_adapter_output,
-                               loss_summary, write_adapter_dir)
+from rayquant.adapters import (MANIFEST, AdapterMismatchError, adapter_sha256, build_manifest, gather,
+                               is_adapter_output, loss_summary, write_adapter_dir)
+from rayquant.contract import WORKER_STATS_FILE, DeviceInfo, QuantizationReport, WorkerStats
 
 
 def _adapter(d, scale=1.0, metadata=None):
@@ -24,10 +25,22 @@ def _adapter(d, scale=1.0, metadata=None):
     return d
 
 
+def _stats(rank: int, sha: str) -> WorkerStats:
+    return WorkerStats(
+        rank=rank, node_type="CPU:a", hostname="h", node_id="n", device=DeviceInfo("cpu", "CPU", cpus=2),
+        placement="per-gpu", engine="DistributedDataParallel",
+        quantization=QuantizationReport("nf4", "nf4", {"linear4bit_modules": 14},
+                                        {"linear4bit": 14, "fp8_rowwise": 0}),
+        optimizer_planned="adamw_8bit", optimizer_used="bitsandbytes.optim.AdamW8bit", micro_batch_size=2,
+        gradient_accumulation_steps=2, shard_rows=108, global_steps=2, resumed_from_step=None,
+        trainable_parameters=4096, adapter_dtype="float32", peak_memory_bytes=2**28,
+        peak_memory_source="peak RSS (ru_maxrss)", predicted_peak_memory_bytes=2**30, train_s=1.5,
+        tokens_per_s=100.0, predicted_tokens_per_s=500.0, losses=((1, 2.0), (2, 1.5)), adapter_sha256=sha)
+
+
 def _rank_dir(root, rank, scale=1.0):
     d = _adapter(root / "final" / f"rank_{rank}", scale)
-    stats = {"rank": rank, "adapter_sha256": adapter_sha256(d), "losses": [[1, 2.0], [2, 1.5]]}
-    (d / "worker_stats.json").write_text(json.dumps(stats))
+    (d / WORKER_STATS_FILE).write_text(_stats(rank, adapter_sha256(d)).to_json())
     return d
 
 
@@ -43,7 +56,37 @@ def test_gather_accepts_equal_ranks(tmp_path):
         _rank_dir(tmp_path, r)
     g = gather(tmp_path, 2)
     assert g.adapter_dir == tmp_path / "final" / "rank_0"
-    assert [s["rank"] for s in g.worker_stats] == [0, 1] and g.sha256 == adapter_sha256(g.adapter_dir)
+    assert [s.rank for s in g.worker_stats] == [0, 1] and g.sha256 == adapter_sha256(g.adapter_dir)
+
+
+def test_gather_refuses_stats_of_another_rayquant_version(tmp_path):
+    d = _rank_dir(tmp_path, 0)
+    stats = json.loads((d / WORKER_STATS_FILE).read_text())
+    stats["rows"] = stats.pop("shard_rows")  # a worker that renamed a field
+    (d / WORKER_STATS_FILE).write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match="WorkerStats of rank 0 .*missing field.*shard_rows.*unknown field.*rows"):
+        gather(tmp_path, 1)
+
+
+def test_manifest_shows_each_worker_measured_next_to_planned(tmp_path):
+    for r in range(2):
+        _rank_dir(tmp_path, r)
+    m = build_manifest({"version": 1}, gather(tmp_path, 2), {"run": {"steps": 2}})
+    assert m["plan"] == {"version": 1} and m["run"] == {"steps": 2}
+    assert m["adapter_sha256"] == m["workers"][0]["adapter_sha256"]
+    assert m["workers"][1] == {
+        "rank": 1, "node_type": "CPU:a", "hostname": "h", "node_id": "n",
+        "device": {"device": "cpu", "name": "CPU", "cpus": 2}, "placement": "per-gpu",
+        "engine": "DistributedDataParallel",
+        "quantization": {"planned": "nf4", "used": "nf4", "linear4bit_modules": 14,
+                         "modules_after_training": {"linear4bit": 14, "fp8_rowwise": 0}},
+        "optimizer": {"planned": "adamw_8bit", "used": "bitsandbytes.optim.AdamW8bit"},
+        "micro_batch_size": 2, "gradient_accumulation_steps": 2, "shard_rows": 108, "steps": 2,
+        "resumed_from_step": None,
+        "peak_memory_bytes": {"measured": 2**28, "source": "peak RSS (ru_maxrss)", "predicted": 2**30},
+        "tokens_per_s": {"measured": 100.0, "predicted": 500.0}, "train_s": 1.5,
+        "trainable_parameters": 4096, "adapter_dtype": "float32", "adapter_sha256": m["adapter_sha256"]}
+    assert m["loss"]["points"] == 2 and m["loss"]["curve"] == [[1, 2.0], [2, 1.5]]
 
 
 def test_gather_fails_loudly_on_mismatch_or_missing_rank(tmp_path):
@@ -106,7 +149,7 @@ def test_a_previous_adapter_is_replaced_only_with_overwrite_and_only_if_untouche
     dest = tmp_path / "adapter"
     write_adapter_dir(src, {"v": 1}, dest)
     assert is_adapter_output(dest)
-    with pytest.raises(OutputExistsError, match="previous adapter directory written by rayquant.*--overwrite"):
+    with pytest.raises(OutputExistsError, match="previous adapter directory written by rayquant.*add overwrite"):
         write_adapter_dir(src, {"v": 2}, dest)
     assert _manifest(dest) == {"v": 1}
     # The user added a file of their own: the folder is no longer only ours, so it is kept.

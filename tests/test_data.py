@@ -317,7 +317,7 @@ CHAT = "examples/data/tiny_chat.jsonl"
 @pytest.fixture(scope="module")
 def sft_setup(tiny_llama_dir):
     """The tiny llama loaded as a one-worker CPU plan says (Unsloth, 4-bit, adamw_8bit), and a builder
-    of rayquant.worker.make_sft_trainer over a dataset (what each Ray worker builds, minus Ray)."""
+    of rayquant.worker.sft.make_sft_trainer over a dataset (what each Ray worker builds, minus Ray)."""
     import unsloth  # noqa: F401  (patches transformers/TRL first, as the worker does)
 
     from rayquant.loading import load_for_training
@@ -327,7 +327,8 @@ def sft_setup(tiny_llama_dir):
         import dataclasses
         import tempfile
 
-        from rayquant.worker import make_sft_trainer
+        from rayquant.contract import SftSettings
+        from rayquant.worker.sft import make_sft_trainer
 
         rq = RayQuantTrainer(model=str(tiny_llama_dir), dataset=dataset, lora={"rank": 8, "alpha": 16},
                              sft={"seq_len": 128, "global_batch_size": 8, "learning_rate": learning_rate,
@@ -341,9 +342,9 @@ def sft_setup(tiny_llama_dir):
         if model is None:
             model, tokenizer, _ = load_for_training(str(tiny_llama_dir), node, plan.job, device_map={"": "cpu"})
         data = rq.prepare_data()
-        config = {"sft": dataclasses.asdict(rq.options.sft), "total_steps": steps, "seq_len": plan.job.seq_len,
-                  "format": data.format, "checkpoint_every_steps": None}
-        trainer, _ = make_sft_trainer(model, tokenizer, data.dataset, node, config, tempfile.mkdtemp())
+        settings = SftSettings.from_options(rq.options.sft, max_steps=steps, seq_len=plan.job.seq_len,
+                                            dataset_format=data.format)
+        trainer, _ = make_sft_trainer(model, tokenizer, data.dataset, node, settings, tempfile.mkdtemp())
         return trainer, data
 
     trainer, _ = build(CHAT)  # loads the model once for the label tests

@@ -1,0 +1,79 @@
+"""Training checkpoints through Ray Train, and resuming from them.
+
+At each HF save every rank copies its `checkpoint-<step>/` under CHECKPOINT_SUBDIR/ and reports it;
+rank 0 adds the run's state (STATE_FILE). Ray merges the ranks' directories into one checkpoint, so
+ZeRO-3 ranks' shards all land in it, and a restarted worker group resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+CHECKPOINT_SUBDIR = "checkpoint"
+STATE_FILE = "rayquant_state.json"
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """What rank 0 records beside its HF checkpoint for the run that resumes from it."""
+
+    global_step: int
+    # Rows of the global batch order consumed so far (global_step x global batch); not read back:
+    # the HF trainer state in the checkpoint positions the resumed data loader.
+    data_position_rows: int
+    world_size: int  # a resumed run must have as many workers: shards depend on it
+    losses: tuple[tuple[int, float], ...]  # (step, loss) so far, so the manifest's curve spans restarts
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "losses", tuple((int(s), float(v)) for s, v in self.losses))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "CheckpointState":
+        try:
+            return cls(**json.loads(text))
+        except (TypeError, ValueError) as e:
+            raise RuntimeError(f"the checkpoint state {where} does not match this rayquant ({e}); start "
+                               f"a new run (choose another run.name)") from None
+
+
+def report_checkpoint(hf_checkpoint: Path, state: CheckpointState | None, metrics: Mapping[str, Any]) -> None:
+    """Report `metrics` to Ray Train with this rank's HF checkpoint, plus `state` (rank 0's) beside
+    it; with the metrics alone where the trainer wrote no checkpoint directory."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if not hf_checkpoint.exists():
+            ray.train.report(dict(metrics))
+            return
+        dst = Path(tmp) / CHECKPOINT_SUBDIR
+        shutil.copytree(hf_checkpoint, dst)
+        if state is not None:
+            (dst / STATE_FILE).write_text(state.to_json())
+        ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp))
+
+
+@contextmanager
+def restored(checkpoint, world_size: int) -> Iterator[tuple[CheckpointState, str]]:
+    """Open Ray's checkpoint to resume from: yields the run's state and the HF checkpoint directory
+    for `trainer.train(resume_from_checkpoint=...)`, valid inside the `with` block."""
+    with checkpoint.as_directory() as ckpt_dir:
+        state_file = Path(ckpt_dir) / CHECKPOINT_SUBDIR / STATE_FILE
+        if not state_file.exists():
+            raise RuntimeError(f"the checkpoint to resume from ({checkpoint.path}) holds the final "
+                               "adapters of a finished run, not a training state; start a new run "
+                               "(choose another run.name) or take the adapter from that run")
+        state = CheckpointState.from_json(state_file.read_text(), f"of {checkpoint.path}")
+        if state.world_size != world_size:
+            raise RuntimeError(f"checkpoint was written by {state.world_size} workers, this run has "
+                               f"{world_size}; start a new run (run.name) to change the worker count")
+        yield state, str(Path(ckpt_dir) / CHECKPOINT_SUBDIR)
