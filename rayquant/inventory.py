@@ -246,46 +246,16 @@ def probe_notes(probes: Iterable[NodeProbe]) -> list[str]:
 
 
 # -- live Ray cluster --------------------------------------------------------------------------
-def _connect(address: str | None) -> bool:
-    """Connect to Ray; True when this call started the connection (and should end it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    except ray.exceptions.AuthenticationError as e:
-        raise InventoryError(
-            f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS', 'RAY_ADDRESS')} refused "
-            f"this client: token authentication failed ({e.message}).\nTo fix: export "
-            f"RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or save it to "
-            f"~/.ray/auth_token), then retry.") from None
-    except ConnectionError as e:
-        # A refused token surfaces here too, after Ray's own retries (Ray 2.60 logs
-        # "InvalidAuthToken" from its GCS client but raises only ConnectionError).
-        raise InventoryError(
-            f"could not connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {e}\n"
-            f"To fix: check the address (`ray status` on the head prints it). If the cluster uses "
-            f"token authentication (the default for clusters Ray 2.60 starts), export "
-            f"RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or save it to "
-            f"~/.ray/auth_token). Or leave --address out to read this machine.") from None
-    except RuntimeError as e:
-        if "auth" in str(e).lower() or "token" in str(e).lower():
-            raise InventoryError(
-                f"the Ray cluster at {address} needs a token: {e}\nTo fix: export "
-                f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<token>, then retry.") from None
-        raise
-    return True
-
-
 def probe_cluster(address: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> list[NodeProbe]:
     """Probe every alive node of the Ray cluster at `address` (None: the connected one, else
-    RAY_ADDRESS, else a new local cluster)."""
+    RAY_ADDRESS, else a new local cluster: rayquant.cluster.connect). A connection this opens is
+    closed after."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    started = _connect(address)
-    try:
+    from rayquant.cluster import connected
+
+    with connected(address, driver_logs=False):
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         probe = ray.remote(num_cpus=0, max_retries=0)(probe_this_machine)
         refs = {n["NodeID"]: probe.options(
@@ -313,9 +283,6 @@ def probe_cluster(address: str | None = None, timeout_s: float = PROBE_TIMEOUT_S
             probes.append(_probe_from_report(n["NodeID"], report, labels,
                                              int(resources.get("GPU", 0)), ray_type))
         return probes
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def discover_node_types(address: str | None = None, include_cpu_nodes: bool | None = None):
