@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from planner.calibration import Calibration, Measurement
-from planner.plan import JobSpec, MemoryBreakdown, NodePlan
+from planner.plan import JobSpec, MemoryBreakdown, NodePlan, PlanError
 
 
 class NoCudaError(RuntimeError):
@@ -136,7 +136,7 @@ def _device_gpu_spec():
     name = torch.cuda.get_device_name(0)
     try:
         return lookup_gpu(name), name
-    except Exception:  # a GPU the catalog lacks: a generic one of its size
+    except PlanError:  # a GPU the catalog lacks: a generic one of its size
         return generic_gpu(torch.cuda.get_device_properties(0).total_memory / 2**30), name
 
 

@@ -284,7 +284,7 @@ def coerce_options(section: str, value: Any, problems: list[str]):
         problems.append(f"{name} is not an option; known: {', '.join(sorted(known))}")
     try:
         return cls(**{k: v for k, v in value.items() if k in known})
-    except (TypeError, ValueError) as e:  # the dataclass's own coercion (LoraOptions.targets)
+    except TypeError as e:  # the dataclass's own coercion of a value (LoraOptions.targets: tuple(5))
         problems.append(f"{{{section}}}: {e}")
         return cls()
 

@@ -167,7 +167,7 @@ def _gpu_spec(name: str, memory_bytes: int):
     for candidate in candidates:
         try:
             return hardware.lookup_gpu(candidate), None
-        except (KeyError, ValueError):
+        except PlanError:  # not a catalog name: try the next, or a generic GPU of its memory
             continue
     if memory_bytes:
         size = f"{memory_bytes // hardware.GIB}GiB"
@@ -317,18 +317,19 @@ def load_inventory_file(path: str):
     except OSError as e:
         raise InventoryError(f"cannot read inventory file {path}: {e.strerror}. To fix: pass an existing "
                              "JSON or YAML file with rows like {\"gpu\": \"A10G\", \"count\": 4}") from None
-    try:
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
+    is_yaml = str(path).endswith((".yaml", ".yml"))
+    if is_yaml:
+        import yaml
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # yaml.YAMLError and json.JSONDecodeError share no base but Exception
-        raise InventoryError(f"inventory file {path} is not valid "
-                             f"{'YAML' if str(path).endswith(('.yaml', '.yml')) else 'JSON'} ({e}). To fix: "
-                             "write a list of rows like [{\"gpu\": \"A10G\", \"gpus_per_node\": 1, \"count\": 4}]"
-                             ) from None
+        parse, malformed = yaml.safe_load, yaml.YAMLError
+    else:
+        parse, malformed = json.loads, json.JSONDecodeError
+    try:
+        data = parse(text)
+    except malformed as e:
+        raise InventoryError(f"inventory file {path} is not valid {'YAML' if is_yaml else 'JSON'} ({e}). "
+                             "To fix: write a list of rows like [{\"gpu\": \"A10G\", \"gpus_per_node\": 1, "
+                             "\"count\": 4}]") from None
     entries = data.get("nodes") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
         raise InventoryError(
@@ -336,8 +337,8 @@ def load_inventory_file(path: str):
             f"  nodes:\n    - {{gpu: H100-80GB, gpus_per_node: 8, count: 2}}")
     try:
         return tuple(hardware.node_types_from_dicts(entries))
-    except (KeyError, TypeError, ValueError) as e:
-        raise InventoryError(f"inventory file {path}: {e}") from None
+    except PlanError as e:  # every bad row, listed: say which file they are in
+        raise InventoryError(f"inventory file {path}: {e.template}") from None
 
 
 def node_types_to_dicts(node_types) -> list[dict[str, Any]]:
