@@ -35,9 +35,9 @@ def direct_run(steps: int, storage: str) -> dict:
     """One process: the plan's rank-0 settings, accumulation scaled up to the whole global batch."""
     import unsloth  # noqa: F401  (before transformers/TRL)
 
-    from rayquant.loading import load_for_training
-    from rayquant.trainer import resolve_model
     from rayquant.contract import SftSettings
+    from rayquant.loading import load_for_training
+    from rayquant.models import resolve_model
     from rayquant.worker.sft import make_sft_trainer
 
     rq = _trainer(steps, storage)
@@ -62,10 +62,10 @@ def direct_run(steps: int, storage: str) -> dict:
 def ray_run(steps: int, storage: str) -> dict:
     import ray
 
-    from rayquant.trainer import init_ray
+    from rayquant.cluster import connect
 
     t0 = time.perf_counter()
-    init_ray()
+    connect()
     startup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = _trainer(steps, storage).fit()

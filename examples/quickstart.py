@@ -32,7 +32,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rayquant.trainer import resolve_model
+    from rayquant.models import resolve_model
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model("rayquant/tiny-llama"))
     model = PeftModel.from_pretrained(base, str(result.adapter_dir))

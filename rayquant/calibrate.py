@@ -7,8 +7,10 @@ it through the worker's own loader (rayquant.loading.load_for_training: Unsloth 
 training peak with the weights resident, which is what the planner predicts) and tokens per second.
 The results become a planner.calibration.Calibration for this GPU type.
 
-Without CUDA, `check_cuda()` raises NoCudaError (the CLI turns it into a message and exit status 2);
-tests and `scripts/gpu_check.py --cpu-smoke` run the same code on CPU with tiny models.
+Without CUDA, `check_cuda()` raises NoCudaError: `rayquant calibrate` prints its message and exits
+with status 2, as for any input the machine cannot serve (rayquant.cli.errors); tests and
+`scripts/gpu_check.py --cpu-smoke` run the same code on CPU with tiny models. With `--ray`, the cases
+run once per GPU type of the cluster rayquant.cluster.connect joins.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from planner.calibration import Calibration, Measurement
-from planner.plan import JobSpec, MemoryBreakdown, NodePlan
+from planner.plan import JobSpec, MemoryBreakdown, NodePlan, PlanError
 
 
 class NoCudaError(RuntimeError):
@@ -63,12 +65,6 @@ def check_cuda() -> None:
             "rayquant calibrate measures real GPU memory and speed, and this machine has no CUDA GPU "
             f"(torch {torch.__version__}). To fix: run it on a GPU machine, or on a Ray cluster with "
             "`rayquant calibrate --model M --ray` (one task per GPU type).")
-
-
-def default_cases(model: str, quantizations: Iterable[str], seq_lens: Iterable[int],
-                  micro_batches: Iterable[int]) -> list[CalibrationCase]:
-    return [CalibrationCase(model, q, s, b) for q in quantizations for s in seq_lens
-            for b in micro_batches]
 
 
 # ---- random-weight checkpoints ---------------------------------------------------------------------
@@ -140,7 +136,7 @@ def _device_gpu_spec():
     name = torch.cuda.get_device_name(0)
     try:
         return lookup_gpu(name), name
-    except Exception:  # a GPU the catalog lacks: a generic one of its size
+    except PlanError:  # a GPU the catalog lacks: a generic one of its size
         return generic_gpu(torch.cuda.get_device_properties(0).total_memory / 2**30), name
 
 
@@ -367,8 +363,9 @@ def calibrate_cluster(cases: list[CalibrationCase], *, address: str | None = Non
     (results, merged Calibration)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    from rayquant.cluster import connect
+
+    connect(address, driver_logs=False)
     types = sorted({k.split(":", 1)[1] for node in ray.nodes() if node.get("Alive")
                     for k in node.get("Resources", {}) if k.startswith("accelerator_type:")})
     if not types:

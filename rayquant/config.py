@@ -3,12 +3,17 @@
 Every options class is a frozen dataclass whose `problems()` lists everything wrong with it, so a
 caller can collect the problems of all of them (and of the YAML file) into one ConfigError.
 
+Problems name options as placeholders, `{sft.seq_len}` (and the planner's settings as `{seq_len}`,
+planner.vocab): str() of a ConfigError shows the YAML keys, and each face renders its own spelling
+(`yaml_spelling`: sft.seq_len; `python_spelling`: sft={"seq_len": ...}; the CLI: its flags).
+
 YAML schema of `rayquant train CONFIG.yaml` (only `model` and `dataset` are required)::
 
     model: rayquant/tiny-llama        # hub id, local directory, or rayquant/tiny-llama|tiny-qwen2
     dataset: examples/data/tiny.jsonl # JSON / JSONL / Parquet file
     plan: auto                        # auto | path to a plan JSON written by `rayquant plan --json`
     address: null                     # Ray address; null: RAY_ADDRESS or a local cluster
+    calibration: null                 # file from `rayquant calibrate`, applied when plan: auto
     lora:    {rank: 16, alpha: null, dropout: 0.0, targets: [q_proj, v_proj]}  # alpha null: = rank
     sft:     {seq_len: 256, global_batch_size: 8, learning_rate: 2.0e-4, max_steps: 40,
               num_epochs: 1.0, warmup_steps: 0, lr_scheduler: linear, weight_decay: 0.0,
@@ -24,40 +29,104 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from planner.vocab import (BACKENDS, CHECKPOINTING, DATASET_FORMATS, DEFAULT_LORA_RANK, DEFAULT_LORA_TARGETS,
-                           LR_SCHEDULERS, OPTIMIZERS, PREFERENCES, QUANTIZATIONS, default_lora_alpha)
+                           LR_SCHEDULERS, OPTIMIZERS, PREFERENCES, QUANTIZATIONS, SETTINGS, SettingError,
+                           default_lora_alpha)
+
+TOP_LEVEL_KEYS = ("model", "dataset", "plan", "address", "calibration", "lora", "sft", "scaling", "run")
+SECTIONS = ("lora", "sft", "scaling", "run")
+# Where each of the planner's neutral settings (planner.vocab.SETTINGS) lives in the YAML config and
+# in RayQuantTrainer's arguments; the rest (safety_margin, full_finetune, double_quant) are CLI-only.
+SETTING_OPTIONS = {
+    "model": "model", "gpus": "scaling.gpus", "calibration": "calibration",
+    "seq_len": "sft.seq_len", "global_batch_size": "sft.global_batch_size",
+    "micro_batch_size": "sft.micro_batch_size", "quantization": "sft.quantization",
+    "optimizer": "sft.optimizer", "gradient_checkpointing": "sft.gradient_checkpointing",
+    "prefer": "sft.prefer", "backend": "sft.backend",
+    "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "lora_targets": "lora.targets", "output": "run.output_dir", "overwrite": "run.overwrite",
+}
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)\}")
 
 
-class ConfigError(ValueError):
-    """One or more configuration problems, all listed, each saying what is wrong and how to fix it."""
+def _is_option(name: str) -> bool:
+    section, dot, key = name.partition(".")
+    return section in SECTIONS if dot else name in TOP_LEVEL_KEYS
 
-    def __init__(self, problems: list[str], what: str = "configuration") -> None:
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid {what} ({len(self.problems)} problem"
-                         f"{'s' if len(self.problems) != 1 else ''}):\n{lines}")
+
+def option_path(name: str) -> str | None:
+    """Where a setting lives in the config: 'seq_len' -> 'sft.seq_len'; an option path
+    ('sft.learning_rate', 'dataset') is itself; None for a setting the config does not have."""
+    return SETTING_OPTIONS.get(name) or (name if _is_option(name) else None)
+
+
+def setting_of(name: str) -> str | None:
+    """The planner's neutral name for a setting or option path ('sft.seq_len' -> 'seq_len')."""
+    if name in SETTINGS:
+        return name
+    return next((s for s, path in SETTING_OPTIONS.items() if path == name), None)
+
+
+def yaml_spelling(name: str) -> str:
+    """A setting as the YAML config names it: sft.seq_len, lora.rank, model."""
+    return option_path(name) or name
+
+
+def python_spelling(name: str) -> str:
+    """A setting as RayQuantTrainer's arguments name it: sft={"seq_len": ...}, model."""
+    path = option_path(name)
+    if path is None:
+        return name
+    section, dot, key = path.partition(".")
+    return f'{section}={{"{key}": ...}}' if dot else path
+
+
+def render_options(text: str, spell: Callable[[str], str] | None = None) -> str:
+    """`text` with each {option} ({sft.seq_len}, {dataset}) and {setting} ({seq_len}) placeholder
+    spelled by `spell` (default: the option path, the neutral name); other braces stay."""
+    def spelled(m: re.Match) -> str:
+        name = m.group(1)
+        return (spell or str)(name) if name in SETTINGS or _is_option(name) else m.group(0)
+
+    return _PLACEHOLDER.sub(spelled, text)
+
+
+class ConfigError(SettingError):
+    """One or more configuration problems, all listed, each saying what is wrong and how to fix it.
+    `problems` are the neutral texts (YAML names); render(spell) spells every option a face's way."""
+
+    def __init__(self, problems: list[str], what: str = "configuration", fix: str | None = None) -> None:
+        self.problems = [render_options(p) for p in problems]
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid {what} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"
+                         f"\n{lines}" + (f"\nTo fix: {fix}" if fix else ""))
+        self.args = (self.render(),)
+
+    def render(self, spell: Callable[[str], str] | None = None) -> str:
+        return render_options(self.template, spell)
 
 
 def _int_at_least(problems: list[str], name: str, value: Any, low: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        problems.append(f"{name} must be an integer >= {low}, got {value!r}")
+        problems.append(f"{{{name}}} must be an integer >= {low}, got {value!r}")
 
 
 def _number_in(problems: list[str], name: str, value: Any, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        problems.append(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        problems.append(f"{{{name}}} must be a number in [{low}, {high}], got {value!r}")
 
 
 def _choice(problems: list[str], name: str, value: Any, choices: tuple, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if value not in choices:
-        problems.append(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+        problems.append(f"{{{name}}} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +151,7 @@ class LoraOptions:
         _int_at_least(p, "lora.alpha", self.alpha, 1, allow_none=True)
         _number_in(p, "lora.dropout", self.dropout, 0.0, 0.99)
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            p.append(f"lora.targets must be a non-empty list of module names (e.g. q_proj, v_proj), "
+            p.append(f"{{lora.targets}} must be a non-empty list of module names (e.g. q_proj, v_proj), "
                      f"got {list(self.targets)!r}")
         return p
 
@@ -132,7 +201,7 @@ class SftOptions:
         _int_at_least(p, "sft.seed", self.seed, 0)
         _choice(p, "sft.dataset_format", self.dataset_format, DATASET_FORMATS)
         if not isinstance(self.text_field, str) or not self.text_field:
-            p.append(f"sft.text_field must be a column name, got {self.text_field!r}")
+            p.append(f"{{sft.text_field}} must be a column name, got {self.text_field!r}")
         _choice(p, "sft.prefer", self.prefer, PREFERENCES)
         _choice(p, "sft.backend", self.backend, BACKENDS)
         _choice(p, "sft.quantization", self.quantization, QUANTIZATIONS, allow_none=True)
@@ -156,9 +225,9 @@ class ScalingOptions:
         p: list[str] = []
         _int_at_least(p, "scaling.num_workers", self.num_workers, 1, allow_none=True)
         if self.use_gpu is not None and not isinstance(self.use_gpu, bool):
-            p.append(f"scaling.use_gpu must be true, false or null, got {self.use_gpu!r}")
+            p.append(f"{{scaling.use_gpu}} must be true, false or null, got {self.use_gpu!r}")
         if self.gpus is not None and (not isinstance(self.gpus, str) or not self.gpus.strip()):
-            p.append(f"scaling.gpus must be a cluster spec like '2x8xH100-80GB,4x1xA10G', got {self.gpus!r}")
+            p.append(f"{{scaling.gpus}} must be a cluster spec like '2x8xH100-80GB,4x1xA10G', got {self.gpus!r}")
         _int_at_least(p, "scaling.cpus_per_worker", self.cpus_per_worker, 1)
         return p
 
@@ -181,13 +250,13 @@ class RunOptions:
         p: list[str] = []
         if self.name is not None and (not isinstance(self.name, str) or not self.name
                                       or os.sep in self.name):
-            p.append(f"run.name must be a plain name without '/', got {self.name!r}")
+            p.append(f"{{run.name}} must be a plain name without '/', got {self.name!r}")
         if not isinstance(self.storage_path, str) or not self.storage_path:
-            p.append(f"run.storage_path must be a directory path, got {self.storage_path!r}")
+            p.append(f"{{run.storage_path}} must be a directory path, got {self.storage_path!r}")
         if self.output_dir is not None and not isinstance(self.output_dir, str):
-            p.append(f"run.output_dir must be a directory path, got {self.output_dir!r}")
+            p.append(f"{{run.output_dir}} must be a directory path, got {self.output_dir!r}")
         if not isinstance(self.overwrite, bool):
-            p.append(f"run.overwrite must be true or false, got {self.overwrite!r}")
+            p.append(f"{{run.overwrite}} must be true or false, got {self.overwrite!r}")
         _int_at_least(p, "run.checkpoint_every_steps", self.checkpoint_every_steps, 1, allow_none=True)
         _int_at_least(p, "run.keep_checkpoints", self.keep_checkpoints, 1)
         _int_at_least(p, "run.max_failures", self.max_failures, 0)
@@ -205,21 +274,67 @@ def coerce_options(section: str, value: Any, problems: list[str]):
     if isinstance(value, cls):
         return value
     if not isinstance(value, Mapping):
-        problems.append(f"{section} must be a mapping of options or a {cls.__name__}, got "
+        problems.append(f"{{{section}}} must be a mapping of options or a {cls.__name__}, got "
                         f"{type(value).__name__}")
         return cls()
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - known)
+    unknown = sorted(set(value) - known, key=str)
     for key in unknown:
-        problems.append(f"{section}.{key} is not an option; known: {', '.join(sorted(known))}")
+        name = f"{{{section}.{key}}}" if str(key).isidentifier() else f"{section}.{key}"
+        problems.append(f"{name} is not an option; known: {', '.join(sorted(known))}")
     try:
         return cls(**{k: v for k, v in value.items() if k in known})
-    except (TypeError, ValueError) as e:
-        problems.append(f"{section}: {e}")
+    except TypeError as e:  # the dataclass's own coercion of a value (LoraOptions.targets: tuple(5))
+        problems.append(f"{{{section}}}: {e}")
         return cls()
 
 
-TOP_LEVEL_KEYS = ("model", "dataset", "plan", "address", "lora", "sft", "scaling", "run")
+# -- the top-level arguments: one check each for the YAML file and RayQuantTrainer -----------------
+
+def dataset_problems(dataset: Any) -> list[str]:
+    """A dataset must be given; a path must exist (objects are checked when the data is read)."""
+    if dataset is None or dataset == "":
+        return ["{dataset} is required: a JSON, JSONL or Parquet file (from Python also a "
+                "datasets.Dataset, ray.data.Dataset or list of dicts)"]
+    if isinstance(dataset, (str, os.PathLike)) and not os.path.exists(os.path.expanduser(str(dataset))):
+        return [f"{{dataset}} {dataset} does not exist. To fix: point it at a JSON, JSONL or Parquet file"]
+    return []
+
+
+def plan_problems(plan: Any) -> list[str]:
+    """`plan` is auto, a TrainingPlan, or the path of an existing plan JSON."""
+    from planner.plan import TrainingPlan
+
+    if isinstance(plan, TrainingPlan) or plan == "auto":
+        return []
+    if not isinstance(plan, (str, os.PathLike)) or not str(plan):
+        return [f"{{plan}} must be auto, a plan JSON path or a TrainingPlan, got {plan!r}"]
+    if not os.path.exists(os.path.expanduser(str(plan))):
+        return [f"{{plan}} file {plan} does not exist. To fix: write one with `rayquant plan ... "
+                f"--json -o FILE`, or plan with auto"]
+    return []
+
+
+def calibration_problems(calibration: Any, plan: Any) -> list[str]:
+    """A calibration file (from `rayquant calibrate`) must exist, and applies only when planning."""
+    if calibration is None:
+        return []
+    if not isinstance(calibration, (str, os.PathLike)) or not str(calibration):
+        return [f"{{calibration}} must be the path of a file from `rayquant calibrate`, got {calibration!r}"]
+    if not os.path.isfile(os.path.expanduser(str(calibration))):
+        return [f"{{calibration}} file {calibration} does not exist. To fix: write one with "
+                f"`rayquant calibrate --model M -o FILE` on a GPU machine, or drop it"]
+    if plan != "auto":
+        return ["{calibration} applies when rayquant plans ({plan} auto); a given plan was made "
+                "already. To fix: drop {calibration}, or make the plan with it (`rayquant plan ... "
+                "--calibration FILE`)"]
+    return []
+
+
+def address_problems(address: Any) -> list[str]:
+    if address is not None and not isinstance(address, str):
+        return [f"{{address}} must be a Ray address like 'ray://head:10001' or 'head:6379', got {address!r}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -230,54 +345,85 @@ class TrainConfig:
     dataset: str
     plan: str = "auto"
     address: str | None = None
+    calibration: str | None = None  # a `rayquant calibrate` file the plan applies (plan: auto)
     lora: LoraOptions = field(default_factory=LoraOptions)
     sft: SftOptions = field(default_factory=SftOptions)
     scaling: ScalingOptions = field(default_factory=ScalingOptions)
     run: RunOptions = field(default_factory=RunOptions)
 
 
+CONFIG_FIX = ("correct these keys (each is documented in rayquant/config.py; examples/quickstart.yaml "
+              "is a complete example), then check with `rayquant train CONFIG.yaml --dry-run`")
+
+
+def resolve_path(path: str, base_dir: str) -> str:
+    """A path from a config file: ~ expanded, relative paths against the file's directory."""
+    expanded = os.path.expanduser(path)
+    return expanded if os.path.isabs(expanded) else os.path.normpath(os.path.join(base_dir, expanded))
+
+
 def parse_train_config(data: Any, base_dir: str = ".") -> TrainConfig:
-    """Validate a parsed YAML mapping; relative dataset/plan paths resolve against `base_dir`."""
+    """Validate a parsed YAML mapping; relative dataset/plan/calibration paths resolve against
+    `base_dir`."""
+    from rayquant.models import model_problems
+
     problems: list[str] = []
     if not isinstance(data, Mapping):
         raise ConfigError([f"the file must hold a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, "
-                           f"got {type(data).__name__}"], "training config")
-    for key in sorted(set(data) - set(TOP_LEVEL_KEYS)):
+                           f"got {type(data).__name__}"], "training config", CONFIG_FIX)
+    for key in sorted(set(data) - set(TOP_LEVEL_KEYS), key=str):
         problems.append(f"{key!r} is not a config key; known: {', '.join(TOP_LEVEL_KEYS)}")
-    for key in ("model", "dataset"):
-        if not isinstance(data.get(key), str) or not data.get(key):
-            problems.append(f"{key} is required: a {'model id or directory' if key == 'model' else 'JSON/JSONL/Parquet path'}"
-                            f", got {data.get(key)!r}")
-    plan = data.get("plan", "auto")
-    if not isinstance(plan, str) or not plan:
-        problems.append(f"plan must be 'auto' or a plan JSON path, got {plan!r}")
-    address = data.get("address")
-    if address is not None and not isinstance(address, str):
-        problems.append(f"address must be a Ray address string like 'ray://head:10001', got {address!r}")
+
+    def text(key: str, default: str | None = None) -> tuple[str | None, bool]:
+        value = data.get(key, default)
+        if value is None or isinstance(value, str):
+            return value, True
+        problems.append(f"{{{key}}} must be a {'model id or directory' if key == 'model' else 'path'}"
+                        f", got {value!r}")
+        return None, False
+
+    model, ok = text("model")
+    if ok:
+        if model and (model.startswith((".", "/", "~")) or os.path.exists(os.path.join(base_dir, model))):
+            model = resolve_path(model, base_dir)
+        problems += model_problems(model)
+    dataset, ok = text("dataset")
+    if ok:
+        dataset = resolve_path(dataset, base_dir) if dataset else dataset
+        problems += dataset_problems(dataset)
+    plan, ok = text("plan", "auto")
+    if ok:
+        plan = resolve_path(plan, base_dir) if plan and plan != "auto" else plan
+        problems += plan_problems(plan)
+    calibration, ok = text("calibration")
+    if ok:
+        calibration = resolve_path(calibration, base_dir) if calibration else calibration
+        problems += calibration_problems(calibration, plan)
+    problems += address_problems(data.get("address"))
     options = {s: coerce_options(s, data.get(s), problems) for s in OPTION_CLASSES}
     for opt in options.values():
         problems.extend(opt.problems())
-
-    def resolve(path: str) -> str:
-        expanded = os.path.expanduser(path)
-        return expanded if os.path.isabs(expanded) else os.path.normpath(os.path.join(base_dir, expanded))
-
-    dataset = data.get("dataset") if isinstance(data.get("dataset"), str) else ""
-    if dataset:
-        dataset = resolve(dataset)
-        if not os.path.exists(dataset):
-            problems.append(f"dataset {dataset} does not exist; point `dataset:` at a JSON/JSONL/Parquet file")
-    if isinstance(plan, str) and plan and plan != "auto":
-        plan = resolve(plan)
-        if not os.path.exists(plan):
-            problems.append(f"plan file {plan} does not exist; write one with `rayquant plan ... --json`, "
-                            f"or use plan: auto")
-    model = data.get("model") if isinstance(data.get("model"), str) else ""
-    if model and (model.startswith((".", "/", "~")) or os.path.exists(os.path.join(base_dir, model))):
-        model = resolve(model)
     if problems:
-        raise ConfigError(problems, "training config")
-    return TrainConfig(model=model, dataset=dataset, plan=plan, address=address, **options)
+        raise ConfigError(problems, "training config", CONFIG_FIX)
+    return TrainConfig(model=model, dataset=dataset, plan=plan, address=data.get("address"),
+                       calibration=calibration, **options)
+
+
+def planning_config(data: Mapping[str, Any], base_dir: str = ".") -> tuple[LoraOptions, SftOptions, str | None]:
+    """What planning reads from a `rayquant train` config mapping (`rayquant k8s` plans from one
+    without loading it as a training run): its lora and sft options and its calibration file
+    (resolved against `base_dir`), checked; ConfigError lists every problem."""
+    problems: list[str] = []
+    lora = coerce_options("lora", data.get("lora"), problems)
+    sft = coerce_options("sft", data.get("sft"), problems)
+    problems += lora.problems() + sft.problems()
+    calibration = data.get("calibration")
+    if isinstance(calibration, str) and calibration:
+        calibration = resolve_path(calibration, base_dir)
+    problems += calibration_problems(calibration, "auto")
+    if problems:
+        raise ConfigError(problems, "training config", CONFIG_FIX)
+    return lora, sft, calibration
 
 
 def load_train_config(path: str) -> TrainConfig:
@@ -288,8 +434,9 @@ def load_train_config(path: str) -> TrainConfig:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError([f"{path} does not exist; see examples/quickstart.yaml for a starting point"],
-                          "training config") from None
+        raise ConfigError([f"{path} does not exist"], "training config",
+                          "pass an existing file; examples/quickstart.yaml is a starting point") from None
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path} is not valid YAML: {e}"], "training config") from None
+        raise ConfigError([f"{path} is not valid YAML: {e}"], "training config",
+                          "correct the YAML syntax at the line shown") from None
     return parse_train_config(data, base_dir=os.path.dirname(os.path.abspath(path)))

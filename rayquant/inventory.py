@@ -167,7 +167,7 @@ def _gpu_spec(name: str, memory_bytes: int):
     for candidate in candidates:
         try:
             return hardware.lookup_gpu(candidate), None
-        except (KeyError, ValueError):
+        except PlanError:  # not a catalog name: try the next, or a generic GPU of its memory
             continue
     if memory_bytes:
         size = f"{memory_bytes // hardware.GIB}GiB"
@@ -246,46 +246,16 @@ def probe_notes(probes: Iterable[NodeProbe]) -> list[str]:
 
 
 # -- live Ray cluster --------------------------------------------------------------------------
-def _connect(address: str | None) -> bool:
-    """Connect to Ray; True when this call started the connection (and should end it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    except ray.exceptions.AuthenticationError as e:
-        raise InventoryError(
-            f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS', 'RAY_ADDRESS')} refused "
-            f"this client: token authentication failed ({e.message}).\nTo fix: export "
-            f"RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or save it to "
-            f"~/.ray/auth_token), then retry.") from None
-    except ConnectionError as e:
-        # A refused token surfaces here too, after Ray's own retries (Ray 2.60 logs
-        # "InvalidAuthToken" from its GCS client but raises only ConnectionError).
-        raise InventoryError(
-            f"could not connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {e}\n"
-            f"To fix: check the address (`ray status` on the head prints it). If the cluster uses "
-            f"token authentication (the default for clusters Ray 2.60 starts), export "
-            f"RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or save it to "
-            f"~/.ray/auth_token). Or leave --address out to read this machine.") from None
-    except RuntimeError as e:
-        if "auth" in str(e).lower() or "token" in str(e).lower():
-            raise InventoryError(
-                f"the Ray cluster at {address} needs a token: {e}\nTo fix: export "
-                f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<token>, then retry.") from None
-        raise
-    return True
-
-
 def probe_cluster(address: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> list[NodeProbe]:
     """Probe every alive node of the Ray cluster at `address` (None: the connected one, else
-    RAY_ADDRESS, else a new local cluster)."""
+    RAY_ADDRESS, else a new local cluster: rayquant.cluster.connect). A connection this opens is
+    closed after."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    started = _connect(address)
-    try:
+    from rayquant.cluster import connected
+
+    with connected(address, driver_logs=False):
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         probe = ray.remote(num_cpus=0, max_retries=0)(probe_this_machine)
         refs = {n["NodeID"]: probe.options(
@@ -313,9 +283,6 @@ def probe_cluster(address: str | None = None, timeout_s: float = PROBE_TIMEOUT_S
             probes.append(_probe_from_report(n["NodeID"], report, labels,
                                              int(resources.get("GPU", 0)), ray_type))
         return probes
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def discover_node_types(address: str | None = None, include_cpu_nodes: bool | None = None):
@@ -350,18 +317,19 @@ def load_inventory_file(path: str):
     except OSError as e:
         raise InventoryError(f"cannot read inventory file {path}: {e.strerror}. To fix: pass an existing "
                              "JSON or YAML file with rows like {\"gpu\": \"A10G\", \"count\": 4}") from None
-    try:
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
+    is_yaml = str(path).endswith((".yaml", ".yml"))
+    if is_yaml:
+        import yaml
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # yaml.YAMLError and json.JSONDecodeError share no base but Exception
-        raise InventoryError(f"inventory file {path} is not valid "
-                             f"{'YAML' if str(path).endswith(('.yaml', '.yml')) else 'JSON'} ({e}). To fix: "
-                             "write a list of rows like [{\"gpu\": \"A10G\", \"gpus_per_node\": 1, \"count\": 4}]"
-                             ) from None
+        parse, malformed = yaml.safe_load, yaml.YAMLError
+    else:
+        parse, malformed = json.loads, json.JSONDecodeError
+    try:
+        data = parse(text)
+    except malformed as e:
+        raise InventoryError(f"inventory file {path} is not valid {'YAML' if is_yaml else 'JSON'} ({e}). "
+                             "To fix: write a list of rows like [{\"gpu\": \"A10G\", \"gpus_per_node\": 1, "
+                             "\"count\": 4}]") from None
     entries = data.get("nodes") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
         raise InventoryError(
@@ -369,8 +337,8 @@ def load_inventory_file(path: str):
             f"  nodes:\n    - {{gpu: H100-80GB, gpus_per_node: 8, count: 2}}")
     try:
         return tuple(hardware.node_types_from_dicts(entries))
-    except (KeyError, TypeError, ValueError) as e:
-        raise InventoryError(f"inventory file {path}: {e}") from None
+    except PlanError as e:  # every bad row, listed: say which file they are in
+        raise InventoryError(f"inventory file {path}: {e.template}") from None
 
 
 def node_types_to_dicts(node_types) -> list[dict[str, Any]]:

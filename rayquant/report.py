@@ -92,3 +92,22 @@ def plot_plan(plan, path: str) -> None:
         write_atomically(path, write=lambda tmp: fig.savefig(tmp, metadata=meta))
     finally:
         plt.close(fig)
+
+
+def estimate_text(result: dict) -> str:
+    """`rayquant estimate`'s table: one configuration's memory terms, whether it fits, the longest
+    sequence, tokens/s (from rayquant.planning.estimate's result)."""
+    cfg = result["config"]
+    gpu_gib = result["gpu_memory_bytes"] / GIB
+    rows = [[k, gib(v)] for k, v in result["breakdown_bytes"].items()]
+    rows.append(["peak", gib(result["predicted_peak_memory_bytes"])])
+    lines = [f"{result['model']} on {result['gpu']} ({gpu_gib:.1f} GiB): {cfg['quantization']}, "
+             f"seq {cfg['seq_len']} x micro-batch {cfg['micro_batch_size']}, "
+             f"{cfg['gradient_checkpointing']} checkpointing, {cfg['optimizer']}, {cfg['backend']} backend",
+             table(["term", "GiB"], rows, right={1}),
+             f"\nfits: {'yes' if result['fits'] else 'NO'} ({gib(result['peak_memory_bytes'])} of "
+             f"{gpu_gib:.2f} GiB); longest sequence that fits at micro-batch {cfg['micro_batch_size']}: "
+             f"{result['max_seq_len']}; host RAM: {gib(result['host_memory_bytes'])} GiB; predicted "
+             f"{result['tokens_per_second']:,.0f} tokens/s; trainable parameters: "
+             f"{result['trainable_params']:,}"]
+    return "\n".join(lines + [f"note: {n}" for n in result["notes"]])

@@ -5,17 +5,21 @@ adapters into one PEFT directory with a manifest.
     trainer = RayQuantTrainer(model="rayquant/tiny-llama", dataset="examples/data/tiny_alpaca.jsonl",
                               sft={"seq_len": 128, "global_batch_size": 8, "max_steps": 30},
                               scaling={"num_workers": 2})
-    print(trainer.plan().to_json())   # dry run: reads configs only, loads no weights
+    print(trainer.plan().to_json())   # dry run: reads the model's config and the cluster, no weights
     result = trainer.fit()            # result.adapter_dir, result.manifest, result.metrics
+
+Planning goes through rayquant.planning, as `rayquant plan` and `rayquant k8s` do; Ray is joined
+through rayquant.cluster.connect. Errors that name settings spell them as this class's arguments
+(sft={"seq_len": ...}).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,68 +27,17 @@ from typing import Any, Mapping
 
 from planner.atomic import write_atomically
 from planner.plan import JobSpec, TrainingPlan
-from rayquant.config import ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, coerce_options
+from planner.vocab import SettingError
+from rayquant import planning
+from rayquant.cluster import connect, ray_address
+from rayquant.config import (ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, address_problems,
+                             calibration_problems, coerce_options, dataset_problems, plan_problems,
+                             python_spelling)
+from rayquant.models import model_problems, resolve_model
 
-TINY_MODEL_PREFIX = "rayquant/tiny-"
-TINY_VOCAB_SIZE = 256  # rayquant.tiny.train_tokenizer's vocab_size
-DEFAULT_CPU_WORKERS = 2
-REPORT_POLL_INTERVAL_S = "0.2"
 # Environment the workers need to stay offline and quiet; forwarded when set on the driver.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME",
                   "TOKENIZERS_PARALLELISM", "UNSLOTH_DISABLE_CPU_FALLBACK", "RAYQUANT_CACHE")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RAYQUANT_CACHE", "~/.cache/rayquant")).expanduser()
-
-
-def tiny_arch(model: str) -> str | None:
-    """'rayquant/tiny-llama' -> 'llama'; None for any other model id."""
-    return model[len(TINY_MODEL_PREFIX):] if model.startswith(TINY_MODEL_PREFIX) else None
-
-
-def resolve_model(model: str) -> str:
-    """A local directory for `model`: tiny ids are built offline into the cache (once); local
-    paths are returned as they are; anything else is a hub id for from_pretrained."""
-    arch = tiny_arch(model)
-    if arch is not None:
-        from rayquant.tiny import make_tiny_model
-
-        return str(make_tiny_model(cache_dir() / "models" / f"tiny-{arch}", arch=arch))
-    return model
-
-
-def _model_config_path(model: str) -> str:
-    """A path load_model_spec can read without building the model (tiny ids: their config)."""
-    arch = tiny_arch(model)
-    if arch is None:
-        return model
-    built = cache_dir() / "models" / f"tiny-{arch}"
-    if (built / "config.json").exists():
-        return str(built)
-    from rayquant.tiny import TINY_CONFIGS
-
-    cfg = dict(TINY_CONFIGS[arch], vocab_size=TINY_VOCAB_SIZE, torch_dtype="bfloat16")
-    tmp = Path(tempfile.mkdtemp(prefix="rayquant-tiny-config-")) / f"tiny-{arch}"
-    tmp.mkdir()
-    (tmp / "config.json").write_text(json.dumps(cfg))
-    return str(tmp)
-
-
-def init_ray(address: str | None = None) -> None:
-    """Connect to Ray at `address` (None: RAY_ADDRESS, else start a local cluster), unless connected."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Ray Train's controller polls each worker's one-slot result queue every
-    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and ray.train.report blocks until then:
-    # with a report per logging step, that interval would pace training (measured: 2 s/step).
-    interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
-    # "local": a new cluster, never a `ray start` cluster that happens to run on this machine
-    # (to use one, pass its address or "auto").
-    ray.init(address=address or "local", logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval}})
 
 
 @dataclass(frozen=True)
@@ -105,6 +58,21 @@ class _Resolved:
     extra: dict = field(default_factory=dict)
 
 
+def _python_spelling(method):
+    """Errors that name settings ({seq_len}) leave the trainer spelled as its arguments name them
+    (sft={"seq_len": ...}); the template stays, so a face wrapping the trainer (`rayquant train`)
+    can render its own spelling."""
+    @functools.wraps(method)
+    def spelled(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except SettingError as e:
+            e.args = (e.render(python_spelling),)
+            raise
+
+    return spelled
+
+
 class RayQuantTrainer:
     """Fine-tune `model` on `dataset` with LoRA/QLoRA over a Ray cluster, as the plan says.
 
@@ -112,80 +80,48 @@ class RayQuantTrainer:
     dataset: datasets.Dataset, ray.data.Dataset, list of dicts, or a JSON/JSONL/Parquet path
     plan:    "auto" (plan for the cluster), a TrainingPlan, or a path to a plan JSON
     lora, sft, scaling, run: mappings or rayquant.config.*Options (see their fields)
-    address: Ray address; None: RAY_ADDRESS, else a local cluster started by ray.init()
+    address: Ray address; None: RAY_ADDRESS, else a local cluster (rayquant.cluster.connect)
+    calibration: a `rayquant calibrate` file the plan applies (with plan="auto")
     All problems with the arguments are reported together in one ConfigError.
     """
 
+    @_python_spelling
     def __init__(self, *, model: str, dataset: Any, plan: str | TrainingPlan = "auto",
                  lora: Mapping | LoraOptions | None = None, sft: Mapping | SftOptions | None = None,
                  scaling: Mapping | ScalingOptions | None = None, run: Mapping | RunOptions | None = None,
-                 address: str | None = None) -> None:
-        problems: list[str] = []
-        if not isinstance(model, str) or not model:
-            problems.append(f"model must be a hub id, a local directory or rayquant/tiny-llama, got {model!r}")
-        elif tiny_arch(model) is not None:
-            from rayquant.tiny import TINY_CONFIGS
-
-            if tiny_arch(model) not in TINY_CONFIGS:
-                problems.append(f"model {model!r}: tiny models are "
-                                f"{', '.join(TINY_MODEL_PREFIX + a for a in TINY_CONFIGS)}")
-        if dataset is None:
-            problems.append("dataset is required: a datasets.Dataset, ray.data.Dataset or JSON/JSONL/Parquet path")
-        elif isinstance(dataset, (str, os.PathLike)) and not os.path.exists(os.path.expanduser(str(dataset))):
-            problems.append(f"dataset {dataset} does not exist; pass a JSON, JSONL or Parquet file")
-        if isinstance(plan, str) and plan != "auto" and not os.path.exists(plan):
-            problems.append(f"plan file {plan} does not exist; pass plan='auto' or write one with "
-                            f"`rayquant plan ... --json`")
-        elif not isinstance(plan, (str, TrainingPlan)):
-            problems.append(f"plan must be 'auto', a TrainingPlan or a path, got {type(plan).__name__}")
-        if address is not None and not isinstance(address, str):
-            problems.append(f"address must be a Ray address string, got {address!r}")
+                 address: str | None = None, calibration: str | None = None) -> None:
+        problems = (model_problems(model) + dataset_problems(dataset) + plan_problems(plan)
+                    + calibration_problems(calibration, plan) + address_problems(address))
         opts = {name: coerce_options(name, value, problems)
                 for name, value in (("lora", lora), ("sft", sft), ("scaling", scaling), ("run", run))}
         for o in opts.values():
             problems.extend(o.problems())
         if problems:
-            raise ConfigError(problems, "RayQuantTrainer arguments")
+            raise ConfigError(problems, "RayQuantTrainer arguments",
+                              "correct these arguments (see help(RayQuantTrainer) and rayquant.config)")
         self.model = model
         self.dataset = dataset
         self._plan_arg = plan
         self.address = address
+        self.calibration = calibration
         self.options = _Resolved(**opts)
         self._plan: TrainingPlan | None = None
 
-    # -- planning -------------------------------------------------------------------------------
+    # -- planning (rayquant.planning, as `rayquant plan` and `rayquant k8s` plan) ----------------
     def job_spec(self) -> JobSpec:
-        lora, sft = self.options.lora, self.options.sft
-        return JobSpec(seq_len=sft.seq_len, global_batch_size=sft.global_batch_size, lora_rank=lora.rank,
-                       lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout, lora_targets=lora.targets,
-                       prefer=sft.prefer, backend=sft.backend, quantization=sft.quantization,
-                       optimizer=sft.optimizer, micro_batch_size=sft.micro_batch_size,
-                       gradient_checkpointing=sft.gradient_checkpointing)
+        return planning.job_spec(self.options.lora, self.options.sft)
 
     def _ray_address(self) -> str | None:
-        return self.address or os.environ.get("RAY_ADDRESS") or None
+        return ray_address(self.address)
 
     def node_types(self):
         """The cluster to plan for: scaling.gpus, else the Ray cluster at the address, else this machine
         (a CPU-only machine is one node of `num_workers` CPU worker slots)."""
-        from planner.hardware import NodeType, cpu_device, parse_gpu_spec
-
         scaling = self.options.scaling
-        if scaling.gpus:
-            return parse_gpu_spec(scaling.gpus)
-        if self._ray_address():
-            from rayquant.inventory import discover_node_types
+        return planning.node_types(gpus=scaling.gpus, address=self._ray_address(),
+                                   cpu_workers=scaling.num_workers)
 
-            return discover_node_types(self._ray_address())
-        from rayquant.inventory import host_cpus, host_memory_bytes, local_node_types
-
-        local = local_node_types()
-        if any(nt.gpu.name != "CPU" for nt in local):
-            return local
-        workers = scaling.num_workers or DEFAULT_CPU_WORKERS
-        return (NodeType(gpu=cpu_device(host_memory_bytes()), gpus_per_node=workers, count=1,
-                         host_memory_bytes=host_memory_bytes(), cpus_per_node=host_cpus()),)
-
+    @_python_spelling
     def plan(self) -> TrainingPlan:
         """The TrainingPlan (a dry run: reads model configs and the cluster, loads no weights)."""
         if self._plan is not None:
@@ -195,19 +131,12 @@ class RayQuantTrainer:
         elif self._plan_arg != "auto":
             self._plan = TrainingPlan.load(self._plan_arg)
         else:
-            from planner.model import load_model_spec
-
-            spec = load_model_spec(_model_config_path(self.model))
-            node_types = self.node_types()
-            from planner.search import make_plan
-
-            plan = make_plan(spec, node_types, self.job_spec())
-            import dataclasses
-
-            self._plan = dataclasses.replace(plan, model=self.model)
+            self._plan = planning.make_plan(self.model, self.node_types(), self.job_spec(),
+                                            calibration=self.calibration)
         return self._plan
 
     # -- training -------------------------------------------------------------------------------
+    @_python_spelling
     def prepare_data(self):
         """Load and check the dataset (every row; DatasetError lists the bad ones), normalized."""
         from rayquant.data import prepare
@@ -223,13 +152,13 @@ class RayQuantTrainer:
             values = {getattr(p, attr) for p in plan.node_plans}
             if len(values) > 1:
                 problems.append(f"the plan's node types use different {attr}s ({', '.join(sorted(values))}); "
-                                f"DDP needs one, so every rank applies the same update. Pin it "
-                                f"(sft.{attr}) and re-plan")
+                                f"DDP needs one, so every rank applies the same update. To fix: "
+                                f"pin it ({{{attr}}}) and re-plan")
         per_rank = [plan.for_rank(r)[1].samples_per_step for r in range(plan.num_workers)]
         epoch_steps = steps_per_epoch(num_rows, per_rank)
         if epoch_steps < 1:
             problems.append(f"the dataset has {num_rows} rows, fewer than one global batch of "
-                            f"{sum(per_rank)}; add rows or lower sft.global_batch_size")
+                            f"{sum(per_rank)}. To fix: add rows or lower {{global_batch_size}}")
         sft = self.options.sft
         total = sft.max_steps or max(1, math.ceil(sft.num_epochs * max(epoch_steps, 1)))
         return problems, total
@@ -240,6 +169,7 @@ class RayQuantTrainer:
         base = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.model.rstrip("/").split("/")[-1])
         return f"rayquant-{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+    @_python_spelling
     def fit(self) -> TrainResult:
         """Train on Ray and return the gathered adapter; data problems are raised before Ray starts."""
         data = self.prepare_data()
@@ -283,7 +213,7 @@ class RayQuantTrainer:
                 tokenizer = None
             if tokenizer is not None:
                 check_chat_template(tokenizer, self.model)
-        init_ray(self._ray_address())
+        connect(self._ray_address())
         scaling_kwargs = self._scaling_kwargs(plan)
         # The workers' environment, set by Ray when it starts their processes (worker_runtime_env).
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}

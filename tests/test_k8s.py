@@ -494,4 +494,4 @@ def test_cli_errors_are_clear_and_without_traceback(args, match, monkeypatch):
 def test_cli_refuses_a_missing_config(tmp_path):
     result = run_cli("--config", str(tmp_path / "nope.yaml"), "--gpus", "1x1xT4", "--image", "i",
                      "--storage", "pvc")
-    assert result.exit_code == 1 and "cannot read --config" in result.output
+    assert result.exit_code == 2 and "cannot read --config" in result.output and "To fix" in result.output
