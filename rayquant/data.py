@@ -233,8 +233,13 @@ def _load_repo(path: str, split: str | None, subset: str | None, role: str, hub:
             reason = f"could not be loaded: {e}"
         if reason is None:
             raise
-        fix = ("name the subset with {dataset_subset} (the dataset's config name)" if "onfig" in reason
-               else "fix the id, split or subset as said above")
+        if "onfig" in reason:
+            fix = "name the subset with {dataset_subset} (the dataset's config name)"
+        elif not hub:
+            fix = ("put JSON, JSONL or Parquet files in the directory (train.jsonl, test.jsonl... name "
+                   "the splits), or point {dataset} at one file")
+        else:
+            fix = "fix the id, split or subset as said above"
         raise DatasetError([reason], source=name, fix=fix) from None
     if isinstance(loaded, datasets.DatasetDict):
         try:
