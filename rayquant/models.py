@@ -91,15 +91,20 @@ def hub_error(error: BaseException, repo_id: str, what: str = "model") -> str | 
         chain.append(e)
         e = e.__cause__ or e.__context__
     url = f"https://huggingface.co/{'datasets/' if what == 'dataset' else ''}{repo_id}"
-    token = "HF_TOKEN" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
+    token = "HF_TOKEN is set" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
+    gated = (f"the {what} {repo_id} is gated on the Hub ({token}). To fix: accept its terms at "
+             f"{url} with your account, then set HF_TOKEN to a token of that account")
+    missing = (f"the {what} {repo_id} is not on the Hub, or is private ({token}). To fix: check the "
+               f"id at {url}; for a private repo set HF_TOKEN to a token that can read it")
     for e in chain:  # GatedRepoError first: it is a RepositoryNotFoundError too
         if isinstance(e, errors.GatedRepoError):
-            return (f"the {what} {repo_id} is gated on the Hub ({token}). To fix: accept its terms at "
-                    f"{url} with your account, then set HF_TOKEN to a token of that account")
+            return gated
     for e in chain:
         if isinstance(e, errors.RepositoryNotFoundError):
-            return (f"the {what} {repo_id} is not on the Hub, or is private ({token}). To fix: check the "
-                    f"id at {url}; for a private repo set HF_TOKEN to a token that can read it")
+            return missing
+        # datasets re-raises the Hub's errors as its DatasetNotFoundError, the cause dropped
+        if type(e).__name__ == "DatasetNotFoundError":
+            return gated if "gated" in str(e) else missing
         if isinstance(e, errors.RevisionNotFoundError):
             return f"the {what} {repo_id} has no such revision. To fix: check the id at {url}"
         if isinstance(e, errors.HfHubHTTPError) and getattr(e.response, "status_code", None) == 401:
@@ -108,17 +113,26 @@ def hub_error(error: BaseException, repo_id: str, what: str = "model") -> str | 
     for e in chain:
         if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, ConnectionError)):
             if hub_offline():
-                return (f"the {what} {repo_id} is not in the local Hub cache ({hub_cache_dir()}) and "
+                return (f"the {what} {repo_id} is not in the local Hub cache ({_cache_of(what)}) and "
                         f"HF_HUB_OFFLINE is set. To fix: download it once on a machine online "
                         f"(`hf download {'--repo-type dataset ' if what == 'dataset' else ''}{repo_id}`) "
                         "into that cache, or unset HF_HUB_OFFLINE")
             return (f"the {what} {repo_id} could not be fetched from the Hub and is not in the local cache "
-                    f"({hub_cache_dir()}): {type(e).__name__}: {e}. To fix: check the network "
+                    f"({_cache_of(what)}): {type(e).__name__}: {e}. To fix: check the network "
                     "(HF_ENDPOINT, a proxy), or download it once into that cache")
         if isinstance(e, errors.EntryNotFoundError):
             return (f"the {what} {repo_id} lacks a file rayquant needs ({e}). To fix: use a transformers "
                     f"model repo (config.json, tokenizer, weights)")
     return None
+
+
+def _cache_of(what: str) -> str:
+    """The cache a Hub repo is looked up in: datasets keep their own (HF_DATASETS_CACHE)."""
+    if what == "dataset":
+        import datasets
+
+        return str(datasets.config.HF_DATASETS_CACHE)
+    return hub_cache_dir()
 
 
 def _hub_call(repo_id: str, call, what: str = "model"):

@@ -44,7 +44,7 @@ def job_spec(lora: LoraOptions, sft: SftOptions, *, safety_margin: float | None 
                    full_finetune=full_finetune, prefer=sft.prefer, backend=sft.backend,
                    quantization=sft.quantization, optimizer=sft.optimizer,
                    micro_batch_size=sft.micro_batch_size,
-                   gradient_checkpointing=sft.gradient_checkpointing, **extra)
+                   gradient_checkpointing=sft.gradient_checkpointing, packing=sft.packing, **extra)
 
 
 def node_types(*, gpus: str | None = None, inventory: str | None = None, address: str | None = None,
