@@ -503,3 +503,70 @@ def test_chat_template_check_predicts_what_trl_refuses(sft_setup):
     untemplated = copy.deepcopy(tok)
     untemplated.chat_template = None
     assert "has no chat template" in chat_template_problem(untemplated)
+
+
+def test_packed_rows_keep_their_masks_and_attend_only_to_themselves(sft_setup):
+    """sft.packing: rows packed on the driver reach the model as one padding-free row per micro-batch
+    (position_ids restart per sequence, no attention mask); each sequence keeps its completion-only
+    mask and its first token is not trained; and the model, as the worker loads it on CPU, keeps the
+    sequences apart: the packed loss is the sum of the sequences' own losses, unlike a plain causal
+    pass over the same tokens."""
+    import torch
+
+    build, model, tok = sft_setup
+    trainer, data = build("examples/data/tiny_alpaca.jsonl", model=model, tokenizer=tok, packing=True)
+    by_text = {r["prompt"] + r["completion"]: r for r in data.dataset}
+    batch = _batches(trainer)[0]
+    assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["input_ids"].shape[0] == 1
+    ids, labels, pos = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist()
+    assert len(starts) >= 3  # several rows share the micro-batch
+    segments = list(zip(starts, starts[1:] + [len(ids)]))
+    for s, e in segments:
+        seg_ids, trained = ids[s:e].tolist(), (labels[s:e] != -100).tolist()
+        assert not trained[0]  # no loss on a packed sequence's first token
+        n = trained.index(True)
+        assert all(trained[n:]) and not any(trained[:n])
+        row = by_text[tok.decode(seg_ids[:-1])]
+        assert tok.decode(seg_ids[:n]) == row["prompt"]
+        assert tok.decode(seg_ids[n:]) == row["completion"] + tok.eos_token
+
+    def loss_sum(**kw):
+        return float(model(**kw, num_items_in_batch=1, use_cache=False).loss)
+
+    model.eval()
+    with torch.no_grad():
+        packed = loss_sum(input_ids=ids[None], position_ids=pos[None], labels=labels[None])
+        alone = sum(loss_sum(input_ids=ids[None, s:e], labels=labels[None, s:e]) for s, e in segments)
+        mixed = loss_sum(input_ids=ids[None], labels=labels[None])  # one causal sequence: they mix
+    model.train()
+    assert packed == pytest.approx(alone, rel=2e-2)
+    assert abs(mixed - alone) > 5 * abs(packed - alone)
+
+
+def test_eval_loss_is_token_weighted_over_every_row(sft_setup):
+    """rayquant.worker.evaluation: the eval loss is the mean over every eval token (not a mean of
+    per-batch means), however the rows fall into batches."""
+    import torch
+    import torch.nn.functional as F
+
+    from rayquant.tokens import tokenize
+    from rayquant.worker.evaluation import Evaluation
+
+    build, model, tok = sft_setup
+    trainer, data = build(CHAT, model=model, tokenizer=tok)
+    rows = tokenize(data, tok, 128).dataset.select(range(7))
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for r in rows:
+            logits = model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits.float()
+            target = torch.tensor(r["labels"][1:])
+            total += float(F.cross_entropy(logits[0, :-1], target, ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+    model.train()
+    for batch_size in (1, 3, 7):
+        evaluation = Evaluation(rows, -(-7 // batch_size), batch_size, tok.pad_token_id)
+        loss, tokens = evaluation.loss(trainer)
+        assert tokens == count and loss == pytest.approx(total / count, rel=1e-3)
+        assert trainer.model.training  # left as it was
