@@ -223,3 +223,44 @@ def test_a_hub_dataset_trains_and_evaluates_from_the_cache_offline(hub_dataset, 
     got = json.loads(out.output)
     assert got["dataset"]["path"] == hub_dataset and got["dataset"]["rows"] == 20
     assert got["dataset"]["eval"]["rows"] == 4 and "subset en, split test" in got["dataset"]["eval"]["source"]
+
+
+def test_hub_datasets_and_the_new_keys_survive_k8s_rendering(tmp_path):
+    """The pods run `rayquant train` on the mounted config: a Hub dataset id travels as it is (the
+    pods load it; it is not embedded like a local file), a small local eval file travels in the
+    ConfigMap, and the evaluation, packing and tracking keys reach the pods unchanged."""
+    import yaml
+
+    from rayquant.config import parse_train_config
+
+    (tmp_path / "eval.jsonl").write_text(_rows(4, "cat"))
+    config = {"model": "meta-llama/Llama-3.1-8B", "dataset": "fake-org/tiny-ds", "dataset_subset": "en",
+              "dataset_split": "train", "eval_dataset": "eval.jsonl",
+              "sft": {"seq_len": 512, "global_batch_size": 8, "learning_rate": "2e-4", "packing": True,
+                      "eval_steps": 10, "keep_best": True},
+              "run": {"report_to": ["tensorboard", "mlflow"]}}
+    text = yaml.safe_dump(config).replace("'2e-4'", "2e-4")  # written as a user writes it
+    (tmp_path / "job.yaml").write_text(text)
+    out = CliRunner().invoke(main, ["k8s", "--config", str(tmp_path / "job.yaml"), "--gpus", "1x1xA10G",
+                                    "--image", "img:1", "--storage", "pvc"])
+    assert out.exit_code == 0, out.output
+    configmap = next(yaml.safe_load_all(out.output))
+    mounted = yaml.safe_load(configmap["data"]["train.yaml"])
+    assert mounted["dataset"] == "fake-org/tiny-ds" and mounted["dataset_subset"] == "en"
+    assert mounted["eval_dataset"] == "/etc/rayquant/eval_dataset.jsonl"
+    assert configmap["data"]["eval_dataset.jsonl"] == _rows(4, "cat")
+    assert mounted["sft"]["packing"] is True and mounted["sft"]["learning_rate"] == 2e-4
+    assert mounted["run"]["report_to"] == ["tensorboard", "mlflow"] and mounted["sft"]["keep_best"] is True
+    # the pods read it as a valid config (their eval file is the ConfigMap's)
+    pod = tmp_path / "pod"
+    pod.mkdir()
+    (pod / "eval_dataset.jsonl").write_text(configmap["data"]["eval_dataset.jsonl"])
+    mounted.update(eval_dataset=str(pod / "eval_dataset.jsonl"), plan="auto")
+    parsed = parse_train_config(mounted, base_dir=str(pod))
+    assert parsed.dataset == "fake-org/tiny-ds" and parsed.sft.eval_steps == 10
+    # a local directory cannot travel in a ConfigMap: said with a fix
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "job.yaml").write_text(text.replace("fake-org/tiny-ds", "dir"))
+    out = CliRunner().invoke(main, ["k8s", "--config", str(tmp_path / "job.yaml"), "--gpus", "1x1xA10G",
+                                    "--image", "img:1", "--storage", "pvc"])
+    assert out.exit_code == 2 and "is a directory, which cannot travel in a ConfigMap" in out.output, out.output
