@@ -537,11 +537,14 @@ def parse_train_config(raw: Any, base_dir: str = ".") -> TrainConfig:
             model = resolve_path(model, base_dir)
         problems += model_problems(model)
     data: dict[str, Any] = {}
+    wrong = set()  # keys of the wrong type, said once above
     for key in DATA_KEYS:
         value, ok = text(key)
         if ok and key in ("dataset", "eval_dataset") and value:
             value = resolve_reference(value, base_dir)
         data[key] = value if ok else None
+        if not ok:
+            wrong.add(key)
     plan, ok = text("plan", "auto")
     if ok:
         plan = resolve_path(plan, base_dir) if plan and plan != "auto" else plan
@@ -554,7 +557,8 @@ def parse_train_config(raw: Any, base_dir: str = ".") -> TrainConfig:
     options = {s: coerce_options(s, raw.get(s), problems) for s in OPTION_CLASSES}
     for opt in options.values():
         problems.extend(opt.problems())
-    problems += data_problems(**data, sft=options["sft"])
+    problems += [p for p in data_problems(**data, sft=options["sft"])
+                 if not any(p.startswith(f"{{{key}}} ") for key in wrong)]
     if problems:
         raise ConfigError(problems, "training config", CONFIG_FIX)
     return TrainConfig(model=model, plan=plan, address=raw.get("address"), calibration=calibration,

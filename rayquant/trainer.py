@@ -196,8 +196,8 @@ class RayQuantTrainer:
         """Train on Ray and return the gathered adapter; data problems are raised before Ray starts."""
         checked = self.check()
         plan, total_steps = checked.plan, checked.total_steps
-        for warning in checked.warnings:
-            print(f"[rayquant] warning: {render_options(warning, python_spelling)}", flush=True)
+        for warning in checked.warnings:  # settings named by their option paths (sft.seq_len)
+            print(f"[rayquant] warning: {render_options(warning)}", flush=True)
         run = self.options.run
         name = self._run_name()
         storage = Path(run.storage_path).expanduser().resolve()
