@@ -143,7 +143,9 @@ def test_every_plan_fits_with_its_margin_and_meets_the_batch(types, job):
     if plan.global_batch_size != job.global_batch_size:
         assert plan.warnings
     if job.global_batch_size % plan.num_workers == 0:
-        assert plan.global_batch_size == job.global_batch_size
+        # An exact split exists; only a much faster step (distribute's rule) may replace it.
+        assert plan.global_batch_size == job.global_batch_size or any(
+            "speed's share" in w for w in plan.warnings)
 
 
 @SETTINGS
