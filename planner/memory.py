@@ -143,11 +143,6 @@ def budget_bytes(capacity_bytes: int, safety_margin: float) -> int:
     return int(capacity_bytes * (1.0 - safety_margin))
 
 
-def is_cpu(gpu: GpuSpec) -> bool:
-    """The CPU pseudo-device (compute capability (0, 0)): same formulas against host memory."""
-    return tuple(gpu.compute_capability) == (0, 0)
-
-
 # -- per-tensor byte counts -----------------------------------------------------------------------
 def nf4_tensor_bytes(numel: int, double_quant: bool) -> int:
     """Bytes of one bitsandbytes NF4 weight: packed codes + its QuantState (absmax, code books)."""
@@ -248,7 +243,7 @@ def unsloth_ce_bytes(model: ModelSpec, gpu: GpuSpec, tokens: int, labelled: int)
     the reused logits buffer, its row statistics, and the [tokens, h] 16-bit hidden-state gradient
     it keeps for the backward. `labelled` is the number of rows with a target (tokens - b)."""
     h, vocab = model.hidden_size, model.vocab_size
-    cuda_fp32 = not is_cpu(gpu) and tuple(gpu.compute_capability) >= (8, 0)
+    cuda_fp32 = not gpu.is_cpu and tuple(gpu.compute_capability) >= (8, 0)
     per_logit = 4 if cuda_fp32 else COMPUTE_BYTES
     grad_hidden = COMPUTE_BYTES * tokens * h
     if labelled <= 0:  # one-token sequences: no next token to predict, no logits
@@ -466,8 +461,8 @@ def estimate_memory(
 
     # Overhead: context and workspaces (GPU only), allocator slack on the per-step allocations.
     # Only the workspaces are inside torch's allocator; context and slack are not "allocated".
-    context = 0 if is_cpu(gpu) else CUDA_CONTEXT_BYTES
-    workspace = 0 if is_cpu(gpu) else CUDA_WORKSPACE_BYTES
+    context = 0 if gpu.is_cpu else CUDA_CONTEXT_BYTES
+    workspace = 0 if gpu.is_cpu else CUDA_WORKSPACE_BYTES
     slack = int(ALLOCATOR_SLACK * (activations + logits))
     overhead = context + workspace + slack
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from planner.hardware import GpuSpec, NodeType
+from planner.hardware import GpuSpec, NodeType, fp8_path_for
 from planner.layermap import bytes_per_gpu, layer_device_map
 from planner.memory import GIB, MemoryEstimate, budget_bytes, estimate_memory, max_seq_len
 from planner.model import ModelSpec, load_model_spec
@@ -62,12 +62,7 @@ def _sixteen(gpu: GpuSpec) -> str:
 
 
 def _fp8_path(gpu: GpuSpec) -> str | None:
-    cc = tuple(gpu.compute_capability)
-    if cc >= (9, 0):
-        return "unsloth"
-    if cc == (8, 9):
-        return "rowwise"
-    return None
+    return fp8_path_for(gpu.compute_capability)
 
 
 def _allowed_quantizations(model: ModelSpec, gpu: GpuSpec, job: JobSpec) -> tuple[tuple[str, ...], dict]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from planner.atomic import write_atomically
+from planner.hardware import CPU_DEVICE
 from planner.plan import JobSpec, TrainingPlan
 from rayquant.config import ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, coerce_options
 
@@ -177,10 +178,11 @@ class RayQuantTrainer:
             from rayquant.inventory import discover_node_types
 
             return discover_node_types(self._ray_address())
-        from rayquant.inventory import host_cpus, host_memory_bytes, local_node_types
+        from planner.host import host_memory_bytes
+        from rayquant.inventory import host_cpus, local_node_types
 
         local = local_node_types()
-        if any(nt.gpu.name != "CPU" for nt in local):
+        if any(not nt.gpu.is_cpu for nt in local):
             return local
         workers = scaling.num_workers or DEFAULT_CPU_WORKERS
         return (NodeType(gpu=cpu_device(host_memory_bytes()), gpus_per_node=workers, count=1,
@@ -336,7 +338,7 @@ class RayQuantTrainer:
         from rayquant.placement import resources_per_worker, scaling_config_kwargs
 
         cpus = self.options.scaling.cpus_per_worker
-        if self._ray_address() is None and all(p.gpu == "CPU" for p in plan.node_plans):
+        if self._ray_address() is None and all(p.gpu == CPU_DEVICE for p in plan.node_plans):
             # The local machine is the whole cluster: no labels to pin by.
             return {"num_workers": plan.num_workers, "use_gpu": False,
                     "resources_per_worker": resources_per_worker(plan, cpus)}

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from planner.hardware import GIB, lookup_gpu
+from planner.hardware import CPU_DEVICE, GIB, lookup_gpu
 from planner.plan import NodePlan, TrainingPlan
 
 FAIL_MESSAGE = "rayquant fault injection"
@@ -56,7 +56,7 @@ def check_device(node_plan: NodePlan, rank: int) -> dict[str, Any]:
     """The device this worker runs on, checked against its NodePlan; a mismatch raises."""
     import torch
 
-    if node_plan.gpu == "CPU":
+    if node_plan.gpu == CPU_DEVICE:
         return {"device": "cpu", "name": "CPU", "cpus": os.cpu_count()}
     if not torch.cuda.is_available():
         raise DeviceMismatchError(
@@ -83,7 +83,7 @@ def device_map_for(node_plan: NodePlan) -> dict[str, Any]:
     layer map over the worker's GPUs for node-spanning placement."""
     import torch
 
-    if node_plan.gpu == "CPU" or not torch.cuda.is_available():
+    if node_plan.gpu == CPU_DEVICE or not torch.cuda.is_available():
         return {"": "cpu"}
     if node_plan.placement == "node-spanning" and node_plan.device_map:
         return {module: int(gpu) for module, gpu in node_plan.device_map.items()}
@@ -250,7 +250,7 @@ def _sft_args(config: dict, node_plan: NodePlan, out_dir: str, fmt: str):
         from rayquant.zero import zero3_config
 
         # DeepSpeed's engine replaces DDP; on CPU plans it runs on its CPU accelerator over gloo.
-        zero3 = {"deepspeed": zero3_config(node_plan), "use_cpu": node_plan.gpu == "CPU"}
+        zero3 = {"deepspeed": zero3_config(node_plan), "use_cpu": node_plan.gpu == CPU_DEVICE}
     return SFTConfig(**zero3,
         output_dir=out_dir, per_device_train_batch_size=node_plan.micro_batch_size,
         gradient_accumulation_steps=node_plan.gradient_accumulation_steps,
@@ -344,7 +344,7 @@ def train_loop_per_worker(config: dict) -> None:
     zero3 = node_plan.placement == "zero3"
     args = None
     if zero3:
-        if node_plan.gpu == "CPU":
+        if node_plan.gpu == CPU_DEVICE:
             # DeepSpeed picks CUDA whenever torch sees a GPU, even for a CPU plan.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # Built before loading: the arguments hold transformers' ZeRO-3 config, which from_pretrained
