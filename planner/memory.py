@@ -26,20 +26,8 @@ from typing import Mapping, Sequence
 from planner.hardware import GIB, MIB, GpuSpec
 from planner.model import LinearShape, ModelSpec
 from planner.plan import DEFAULT_LORA_TARGETS, MemoryBreakdown, PlanError
-
-# -- weights ---------------------------------------------------------------------------------
-# bitsandbytes Params4bit / quantize_4bit (bitsandbytes/nn/modules.py, functional.py): NF4 packs two
-# 4-bit codes per uint8 and keeps one absmax per block of 64 values (blocksize defaults to 64).
-NF4_BLOCK = 64
-# Double quantization (QLoRA paper sec. 3; bitsandbytes `compress_statistics=True`): the fp32
-# absmax is itself quantized blockwise to uint8 with a second block size of 256, keeping one fp32
-# absmax per 256 first-level blocks, a 256-entry fp32 code book and an fp32 offset per tensor.
-NF4_DQ_BLOCK = 256
-NF4_DQ_CODE_BYTES = 256 * 4 + 4
-NF4_CODE_BYTES = 16 * 4  # the 16-value NF4 code book each QuantState holds (get_4bit_type)
-# FP8 (Unsloth load_in_fp8 / torchao Float8 row-wise, and our rowwise linear): 1 byte per weight plus
-# one fp32 scale per output row.
-FP8_SCALE_BYTES = 4
+from planner.tensor_bytes import (BNB_QMAP_BYTES, SIXTEEN_BIT_BYTES, adamw_8bit_state_bytes, fp8_rowwise_bytes,
+                                  nf4_tensor_bytes)
 
 # -- adapters, gradients, optimizer ----------------------------------------------------------
 # PEFT creates lora_A/lora_B as nn.Linear (fp32 by default), moves them to the base weight's dtype
@@ -47,12 +35,6 @@ FP8_SCALE_BYTES = 4
 # (peft/tuners/tuners_utils.py, autocast_adapter_dtype=True by default, which Unsloth keeps) upcasts
 # bf16/fp16 adapters back to fp32. 4-bit bases are uint8, so the adapters stay fp32 there too.
 _ADAPTER_BYTES = 4
-# bitsandbytes Optimizer2State.init_state (bitsandbytes/optim/optimizer.py): tensors with fewer than
-# min_8bit_size=4096 elements keep two fp32 states; larger ones two uint8 states plus one fp32 absmax
-# per 256-value block for each; two shared 256-entry fp32 quantization maps (qmap1/qmap2).
-BNB_MIN_8BIT_SIZE = 4096
-BNB_OPT_BLOCK = 256
-BNB_QMAP_BYTES = 2 * 256 * 4
 # Paged optimizers put states of tensors with >= 1e5 elements in CUDA unified memory (same file,
 # `if not self.is_paged or p.numel() < 1e5`): the driver evicts them to host RAM under pressure.
 BNB_PAGED_MIN_NUMEL = 100_000
@@ -101,7 +83,7 @@ HF_LOGIT_BYTES = 2 + 4 + 4 + 4
 # (embeddings, lm_head, norms, biases, protected 16-bit modules) to fp32.
 KBIT_UPCAST_BYTES = 4
 
-COMPUTE_BYTES = 2  # bf16 / fp16
+COMPUTE_BYTES = SIXTEEN_BIT_BYTES
 # Architectures with LayerNorm instead of RMSNorm: torch's native layer_norm keeps its 16-bit input
 # and per-row statistics, with no fp32 copy of the input.
 LAYERNORM_MODEL_TYPES = ("phi", "gpt_neox", "gpt2", "falcon")
@@ -143,25 +125,6 @@ def budget_bytes(capacity_bytes: int, safety_margin: float) -> int:
     return int(capacity_bytes * (1.0 - safety_margin))
 
 
-# -- per-tensor byte counts -----------------------------------------------------------------------
-def nf4_tensor_bytes(numel: int, double_quant: bool) -> int:
-    """Bytes of one bitsandbytes NF4 weight: packed codes + its QuantState (absmax, code books)."""
-    blocks = math.ceil(numel / NF4_BLOCK)
-    packed = math.ceil(numel / 2)
-    if double_quant:
-        absmax = blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + NF4_DQ_CODE_BYTES
-    else:
-        absmax = 4 * blocks
-    return packed + absmax + NF4_CODE_BYTES
-
-
-def adamw_8bit_state_bytes(numel: int) -> int:
-    """bitsandbytes AdamW8bit states of one parameter tensor (the shared qmaps not included)."""
-    if numel < BNB_MIN_8BIT_SIZE:
-        return 2 * 4 * numel
-    return 2 * numel + 2 * 4 * math.ceil(numel / BNB_OPT_BLOCK)
-
-
 def _linear_weight_bytes(x: LinearShape, scheme: str, double_quant: bool) -> int:
     """One LinearShape (all `count` copies) stored by `scheme`; its bias stays 16-bit."""
     numel = x.in_features * x.out_features
@@ -169,7 +132,7 @@ def _linear_weight_bytes(x: LinearShape, scheme: str, double_quant: bool) -> int
     if scheme in ("nf4", "dynamic-4bit"):
         per = nf4_tensor_bytes(numel, double_quant)
     elif scheme == "fp8":
-        per = numel + FP8_SCALE_BYTES * x.out_features
+        per = fp8_rowwise_bytes(x.in_features, x.out_features)
     else:
         per = COMPUTE_BYTES * numel
     return x.count * (per + bias)

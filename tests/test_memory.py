@@ -7,8 +7,7 @@ import math
 import pytest
 
 from planner.hardware import GpuSpec
-from planner.memory import (GIB, adamw_8bit_state_bytes, estimate_memory, max_seq_len,
-                            nf4_tensor_bytes)
+from planner.memory import GIB, estimate_memory, max_seq_len
 from planner.model import ModelSpec
 from planner.plan import PlanError
 
@@ -32,18 +31,6 @@ def gpu(gib: float, cc=(9, 0)) -> GpuSpec:
 @pytest.fixture(scope="module")
 def llama8b() -> ModelSpec:
     return ModelSpec.from_config(LLAMA_8B, name="llama-8b")
-
-
-def test_nf4_bits_per_param_match_qlora_paper():
-    n = 4096 * 4096
-    assert nf4_tensor_bytes(n, double_quant=False) * 8 / n == pytest.approx(4.5, abs=0.001)
-    assert nf4_tensor_bytes(n, double_quant=True) * 8 / n == pytest.approx(4.127, abs=0.001)
-
-
-def test_adamw_8bit_small_tensor_rule():
-    assert adamw_8bit_state_bytes(4095) == 8 * 4095  # below min_8bit_size: two fp32 states
-    assert adamw_8bit_state_bytes(4096) == 2 * 4096 + 2 * 4 * 16
-    assert adamw_8bit_state_bytes(1 << 20) / (1 << 20) == pytest.approx(2.03, abs=0.01)
 
 
 def test_checkpointing_modes_order_and_offload(llama8b):
