@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from planner.hardware import GIB, MIB, GpuSpec
-from planner.model import LinearShape, ModelSpec
+from planner.architecture import LinearShape, ModelSpec
 from planner.plan import DEFAULT_LORA_TARGETS, MemoryBreakdown, PlanError
 from planner.tensor_bytes import (BNB_QMAP_BYTES, SIXTEEN_BIT_BYTES, adamw_8bit_state_bytes, fp8_rowwise_bytes,
                                   nf4_tensor_bytes)

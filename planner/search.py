@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from planner.hardware import GpuSpec, NodeType, fp8_path_for
 from planner.layermap import bytes_per_gpu, layer_device_map
 from planner.memory import GIB, MemoryEstimate, budget_bytes, estimate_memory, max_seq_len
-from planner.model import ModelSpec, load_model_spec
+from planner.model import load_model_spec
+from planner.architecture import ModelSpec
 from planner.plan import JobSpec, NodePlan, PlanError, TrainingPlan, WorkerAssignment
 from planner.throughput import tokens_per_second
 from planner.vocab import OPTIMIZERS

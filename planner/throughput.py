@@ -8,7 +8,7 @@ CPU pseudo-device goes through the same formulas with its nominal catalog figure
 from __future__ import annotations
 
 from planner.hardware import GpuSpec, fp8_path_for
-from planner.model import ModelSpec
+from planner.architecture import ModelSpec
 
 # Achievable fraction of the dense tensor-core peak for 16-bit training matmuls (model FLOPs
 # utilisation). Published LLM fine-tuning runs land at 35-55% MFU on A100/H100 (PaLM paper table 3:

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from planner.architecture import ModelSpec
 from planner.hardware import GpuSpec
 from planner.memory import GIB, estimate_memory, max_seq_len
-from planner.model import ModelSpec
 from planner.plan import PlanError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
