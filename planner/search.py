@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from planner.hardware import GpuSpec, NodeType, fp8_path_for
+from planner.hardware import GIB, GpuSpec, NodeType, fp8_path_for
 from planner.layermap import bytes_per_gpu, layer_device_map
-from planner.memory import GIB, MemoryEstimate, budget_bytes, estimate_memory, max_seq_len
+from planner.memory import MemoryEstimate, budget_bytes, estimate_memory, max_seq_len
 from planner.model import load_model_spec
 from planner.architecture import ModelSpec
 from planner.plan import JobSpec, NodePlan, PlanError, TrainingPlan, WorkerAssignment

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from planner.architecture import ModelSpec
-from planner.hardware import GpuSpec
-from planner.memory import GIB, estimate_memory, max_seq_len
+from planner.hardware import GIB, GpuSpec
+from planner.memory import estimate_memory, max_seq_len
 from planner.plan import PlanError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,7 +38,7 @@ def test_checkpointing_modes_order_and_offload(llama8b):
     none, hf, uns = (estimate_memory(llama8b, gpu(80), gradient_checkpointing=m, **kw)
                      for m in ("none", "hf", "unsloth"))
     # Unsloth's offload copies layer inputs to host RAM, yet the H200 run measured them still on
-    # the GPU (planner/memory.py), so "unsloth" plans like "hf" on the GPU and adds the host copy.
+    # the GPU (planner/memory/activations.py), so "unsloth" plans like "hf" on the GPU and adds the host copy.
     assert none.breakdown.activations > hf.breakdown.activations == uns.breakdown.activations
     assert uns.host_bytes == llama8b.num_layers * 2 * 4096 * 2 * llama8b.hidden_size
     assert hf.host_bytes == 0 and none.host_bytes == 0
