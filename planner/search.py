@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
+from planner.calibration import Calibration, calibrated_peak_bytes
 from planner.hardware import GIB, GpuSpec, NodeType, fp8_path_for
 from planner.layermap import bytes_per_gpu, layer_device_map
 from planner.memory import MemoryEstimate, budget_bytes, estimate_memory, max_seq_len
@@ -18,9 +19,6 @@ from planner.architecture import ModelSpec
 from planner.plan import JobSpec, NodePlan, PlanError, TrainingPlan, WorkerAssignment
 from planner.throughput import tokens_per_second
 from planner.vocab import OPTIMIZERS
-
-if TYPE_CHECKING:
-    from planner.calibration import Calibration
 
 MAX_MICRO_BATCH = 64
 # A global batch other than the one asked for is used only when it makes the step this much faster.
@@ -108,7 +106,7 @@ def _checkpointing_modes(job: JobSpec, backend: str) -> tuple[str, ...]:
 
 def _evaluate(model: ModelSpec, nt: NodeType, job: JobSpec, budget: int, quantization: str,
               optimizer: str, ckpt: str, micro: int, placement: str,
-              calibration: "_Factors") -> _Config | None:
+              calibration: Calibration) -> _Config | None:
     """One configuration: its estimate and throughput if it fits, else None."""
     gpu = nt.gpu
     backend = "hf" if placement == "zero3" else job.backend
@@ -131,17 +129,15 @@ def _evaluate(model: ModelSpec, nt: NodeType, job: JobSpec, budget: int, quantiz
         except PlanError:
             return None
         peak = reserve + max(bytes_per_gpu(device_map, est.module_bytes, nt.gpus_per_node))
-    # A calibration's measured/predicted ratio compares allocated with allocated, so it scales what
-    # the allocator holds (not the CUDA context and the slack), before the budget check.
-    outside = est.context_bytes + est.slack_bytes
-    peak = outside + math.ceil((peak - outside) * calibration.memory(gpu.name, quantization))
+    # Calibrated before the budget check, so a measured excess shrinks the plan.
+    peak = calibrated_peak_bytes(est, calibration.memory_factor(gpu.name, quantization), peak)
     if peak > budget:
         return None
     tps = tokens_per_second(model, gpu, quantization=quantization, seq_len=job.seq_len,
                             micro_batch_size=micro, lora_rank=job.lora_rank,
                             lora_targets=job.lora_targets, full_finetune=job.full_finetune,
                             gradient_checkpointing=ckpt, num_shards=shards)
-    tps *= calibration.throughput(gpu.name, quantization)
+    tps *= calibration.throughput_factor(gpu.name, quantization)
     return _Config(quantization, optimizer, ckpt, micro, placement, backend, est, peak, tps, device_map)
 
 
@@ -414,38 +410,19 @@ def _reasons(model: ModelSpec, ts: _TypeSearch, cfg: _Config, job: JobSpec, accu
     return r
 
 
-@dataclass(frozen=True)
-class _Factors:
-    """Calibration factors by (GPU name, quantization): a planner.calibration.Calibration, or the
-    older mapping GPU name -> measured/predicted tokens/s ratio (memory left as predicted)."""
-
-    source: Any = None
-
-    def memory(self, gpu_name: str, quantization: str) -> float:
-        if hasattr(self.source, "memory_factor"):
-            return float(self.source.memory_factor(gpu_name, quantization))
-        return 1.0
-
-    def throughput(self, gpu_name: str, quantization: str) -> float:
-        if hasattr(self.source, "throughput_factor"):
-            return float(self.source.throughput_factor(gpu_name, quantization))
-        return float((self.source or {}).get(gpu_name, 1.0))
-
-
 def make_plan(model: ModelSpec | str, node_types: Sequence[NodeType], job: JobSpec,
-              calibration: "Calibration | Mapping[str, float] | None" = None) -> TrainingPlan:
+              calibration: Calibration | None = None) -> TrainingPlan:
     """Plan a job on an inventory.
 
-    `calibration` is a planner.calibration.Calibration (from `rayquant calibrate`): predicted peak
-    memory (its allocator part) is scaled by memory_factor(gpu, quantization) before the budget
-    check, tokens/s by throughput_factor(gpu, quantization). A plain mapping GPU name ->
-    measured/predicted tokens/s ratio is still accepted. None uses the models as they are."""
+    `calibration` (from `rayquant calibrate`) scales predicted peak memory (its allocator part) by
+    memory_factor(gpu, quantization) before the budget check, and tokens/s by
+    throughput_factor(gpu, quantization); None uses the models as they are."""
     spec = load_model_spec(model) if isinstance(model, str) else model
     if not node_types:
         raise PlanError("the inventory is empty. To fix: pass --gpus like 2x8xH100-80GB,4x1xA10G")
     if not job.full_finetune:
         spec.resolve_targets(job.lora_targets)  # fail early on unknown targets
-    calibration = _Factors(calibration)
+    calibration = calibration or Calibration(measurements=())
     searched = [_search_type(spec, nt, job, calibration) for nt in node_types]
     usable = [t for t in searched if t.best is not None]
     failed = [t for t in searched if t.best is None]

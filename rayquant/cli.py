@@ -415,7 +415,7 @@ def estimate_command(model, gpu, quantization, double_quant, backend, seq_len, m
     fixed configuration."""
     import json
 
-    from planner.calibration import Calibration
+    from planner.calibration import Calibration, calibrated_peak_bytes
     from planner.hardware import lookup_gpu
     from planner.memory import estimate_memory, max_seq_len
     from planner.model import load_model_spec
@@ -450,9 +450,7 @@ def estimate_command(model, gpu, quantization, double_quant, backend, seq_len, m
             factors = {"file": calibration_file,
                        "memory_factor": cal.memory_factor(device.name, quantization),
                        "throughput_factor": cal.throughput_factor(device.name, quantization)}
-            # The factor compares allocated with allocated: context and slack stay as predicted.
-            outside = est.context_bytes + est.slack_bytes
-            peak = outside + round((est.peak_bytes - outside) * factors["memory_factor"])
+            peak = calibrated_peak_bytes(est, factors["memory_factor"])
             tps *= factors["throughput_factor"]
             notes.append(f"calibrated from {calibration_file}: memory x{factors['memory_factor']:.3f}, "
                          f"tokens/s x{factors['throughput_factor']:.3f}; breakdown and max_seq_len "
