@@ -60,12 +60,12 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
             click.echo(json.dumps({"plan": plan.to_dict(), "dataset": {
                 "path": cfg.dataset, "rows": data.num_rows, "format": data.format}}, indent=2))
         else:
-            click.echo(plan_table(plan))
+            click.echo(plan_table(plan, flags_then_yaml(TRAIN_FLAGS)))
             click.echo(f"\nDataset {cfg.dataset}: {data.num_rows} rows, format {data.format}, all rows OK.")
             click.echo("Dry run: nothing trained. Drop --dry-run to train.")
         return
     if not as_json:
-        click.echo(plan_table(trainer.plan()))
+        click.echo(plan_table(trainer.plan(), flags_then_yaml(TRAIN_FLAGS)))
     where_to_look(f"Where to look: the run's checkpoints are kept under run.storage_path "
                   f"({run.storage_path}); worker logs are in Ray's session logs "
                   f"(/tmp/ray/session_latest/logs on the head node).")
