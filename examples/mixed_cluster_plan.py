@@ -14,6 +14,8 @@ import argparse
 import collections
 
 from planner import JobSpec, PlanError, make_plan, parse_gpu_spec
+from planner.vocab import render_settings
+from rayquant.cli.errors import cli_spelling
 from rayquant.inventory import load_inventory_file
 from rayquant.placement import worker_label_selectors
 
@@ -32,7 +34,7 @@ def main() -> int:
             node_types = parse_gpu_spec(args.gpus)
         plan = make_plan(args.model, node_types, JobSpec(global_batch_size=args.global_batch))
     except PlanError as e:
-        print(f"error: {e}")
+        print(f"error: {e.render(cli_spelling)}")
         return 2
     print(f"{plan.num_workers} workers, global batch {plan.global_batch_size} "
           f"(asked {args.global_batch}), ~{plan.tokens_per_second:,.0f} tokens/s")
@@ -40,8 +42,8 @@ def main() -> int:
         print(f"  {p.node_type:<14} {p.num_workers:>3} workers  {p.quantization:<12} micro {p.micro_batch_size}"
               f" x accum {p.gradient_accumulation_steps} = {p.samples_per_step} samples/step  "
               f"{p.tokens_per_second:,.0f} tok/s/worker")
-    for w in plan.warnings:
-        print(f"  warning: {w}")
+    for w in plan.warnings:  # settings named neutrally in the plan, spelled as the CLI's flags here
+        print(f"  warning: {render_settings(w, cli_spelling)}")
     selectors = worker_label_selectors(plan, node_types)
     counts = collections.Counter(tuple(sorted(s.items())) for s in selectors)
     print("label selectors (one per rank, for ScalingConfig(label_selector=[...])):")

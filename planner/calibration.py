@@ -5,10 +5,13 @@ calibration=Calibration.load(path))` scales its predictions for that GPU type an
 
 * ``memory_factor(gpu, q)``: the largest measured/predicted ratio of allocator peak memory
   (``torch.cuda.max_memory_allocated`` over ``MemoryEstimate.allocated_bytes``) seen for that pair:
-  plan for the worst case measured, since an out-of-memory error costs more than a smaller batch;
+  plan for the worst case measured, since an out-of-memory error costs more than a smaller batch.
+  ``calibrated_peak_bytes`` applies it to a predicted peak (the one rule the planner and
+  ``rayquant estimate`` share);
 * ``throughput_factor(gpu, q)``: the geometric mean of measured/predicted tokens per second.
 
-Both are 1.0 where the file has no measurement. Standard library only (the planner's rule).
+Both are 1.0 where the file has no measurement (``Calibration(())`` is "no calibration"). Standard
+library only (the planner's rule).
 
 File format (JSON, ``"format": "rayquant-calibration"``, ``"version": 1``)::
 
@@ -29,9 +32,13 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from planner.plan import QUANTIZATIONS, PlanError
+from planner.plan import PlanError
+from planner.vocab import QUANTIZATIONS
+
+if TYPE_CHECKING:
+    from planner.memory import MemoryEstimate
 
 CALIBRATION_FORMAT = "rayquant-calibration"
 CALIBRATION_VERSION = 1
@@ -45,6 +52,20 @@ THROUGHPUT_RATIO_RANGE = (0.01, 100.0)
 
 class CalibrationError(PlanError):
     """A calibration file that cannot be used: says what is wrong and how to fix it."""
+
+
+def calibrated_peak_bytes(estimate: "MemoryEstimate", memory_factor: float,
+                          peak_bytes: int | None = None) -> int:
+    """A predicted peak scaled by a calibration's memory factor.
+
+    The factor compares allocated with allocated (measured max_memory_allocated over the predicted
+    allocated bytes), so it scales what torch's allocator holds and leaves the CUDA context and the
+    allocator slack as predicted. Rounded up: a plan never gains memory from rounding. `peak_bytes`
+    is the peak to scale where it is not the estimate's own (a layer map's busiest GPU).
+    """
+    peak = estimate.peak_bytes if peak_bytes is None else peak_bytes
+    outside = estimate.context_bytes + estimate.slack_bytes
+    return outside + math.ceil((peak - outside) * memory_factor)
 
 
 def gpu_key(name: str) -> str:

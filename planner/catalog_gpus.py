@@ -103,6 +103,6 @@ GENERIC_GPU = dict(cc=(8, 0), bf16=100.0, fp16=100.0, fp8=None, bw=500.0,
 # The CPU pseudo-device (CPU-only Ray clusters, the quickstart): no tensor cores (compute
 # capability 0.0, so supports_bf16/fp8 are False); its 0.5 TFLOPS for any dtype is the order
 # of a few AVX2/AVX-512 cores running bf16/fp32 matmuls in PyTorch.
-CPU_DEVICE = dict(name="CPU", cc=(0, 0), bf16=0.5, fp16=0.5, fp8=None, bw=20.0,
-                  source="CPU pseudo-device: memory is host RAM; 0.5 TFLOPS and 20 GB/s are "
-                         "order-of-magnitude figures for a few cores (not a GPU)")
+CPU_ROW = dict(name="CPU", cc=(0, 0), bf16=0.5, fp16=0.5, fp8=None, bw=20.0,
+               source="CPU pseudo-device: memory is host RAM; 0.5 TFLOPS and 20 GB/s are "
+                      "order-of-magnitude figures for a few cores (not a GPU)")

@@ -16,7 +16,7 @@ import dataclasses
 import re
 from typing import Any
 
-from planner.model import ModelSpec
+from planner.architecture import ModelSpec
 
 
 def _llama(hidden, inter, layers, heads, kv, vocab, tie=False, max_pos=131072, head_dim=None,

@@ -1,4 +1,5 @@
-"""GPUs and node types: the GPU catalog (data with sources), lookups, and inventory specs.
+"""GPUs and node types: GpuSpec (one GPU's figures, built from the rows of planner.catalog_gpus),
+lookups by name, the CPU pseudo-device, the FP8 path a GPU takes, and inventory specs.
 
     lookup_gpu("H100-80GB"), lookup_gpu("NVIDIA A10G"), lookup_gpu("24GiB")
     parse_gpu_spec("2x8xH100-80GB,4x1xA10G")   # nodes x GPUs per node x GPU
@@ -8,16 +9,19 @@
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from planner.catalog_gpus import CPU_DEVICE, GENERIC_GPU, GPU_ALIASES, GPU_ROWS
+from planner.catalog_gpus import CPU_ROW, GENERIC_GPU, GPU_ALIASES, GPU_ROWS
+from planner.host import host_memory_bytes
 from planner.plan import PlanError
 
 GIB = 1024**3
 MIB = 1024**2
+# The catalog name of the CPU pseudo-device (CPU-only Ray clusters): what NodePlan.gpu holds for
+# CPU workers and what `--gpus 2x1xCPU` names.
+CPU_DEVICE: str = CPU_ROW["name"]
 
 
 class UnknownGpuError(PlanError):
@@ -49,11 +53,13 @@ class GpuSpec:
 
     @property
     def supports_fp8(self) -> bool:
-        return self.compute_capability >= (8, 9)
+        """FP8 tensor cores: some FP8 path (fp8_path_for) runs here."""
+        return fp8_path_for(self.compute_capability) is not None
 
     @property
     def is_cpu(self) -> bool:
-        return self.compute_capability == (0, 0)
+        """The CPU pseudo-device (compute capability (0, 0)): same formulas against host memory."""
+        return self.compute_capability == CPU_ROW["cc"]
 
     @property
     def memory_gib(self) -> float:
@@ -112,18 +118,28 @@ def _row_to_spec(row: Mapping[str, Any], memory_bytes: int | None = None, **chan
 GPU_CATALOG: tuple[GpuSpec, ...] = tuple(_row_to_spec(r) for r in GPU_ROWS)
 
 
-def _host_memory_bytes() -> int:
-    """This machine's RAM (the CPU device's memory when none is given)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 * GIB  # platforms without sysconf: a laptop-sized default
+def cpu_device(memory_bytes: int | None = None) -> GpuSpec:
+    """The CPU pseudo-device for CPU-only Ray clusters; its memory is host RAM (this process's,
+    container limit included, when `memory_bytes` is not given)."""
+    mem = host_memory_bytes() if memory_bytes is None else int(memory_bytes)
+    return _row_to_spec(CPU_ROW, memory_bytes=mem, nvml=())
 
 
-def cpu_device(host_memory_bytes: int | None = None) -> GpuSpec:
-    """The CPU pseudo-device for CPU-only Ray clusters; its memory is host RAM."""
-    mem = _host_memory_bytes() if host_memory_bytes is None else int(host_memory_bytes)
-    return _row_to_spec(CPU_DEVICE, memory_bytes=mem, nvml=())
+def fp8_path_for(compute_capability: tuple[int, int]) -> str | None:
+    """The FP8 path a GPU of this compute capability takes, or None (no FP8 tensor cores, the CPU).
+
+    "unsloth" from cc 9.0: Unsloth's load_in_fp8, whose own gate is
+    `torch.cuda.get_device_capability() >= (9, 0)` (unsloth/models/loader_utils.py). "rowwise" on
+    cc 8.9 (Ada: L4, L40S, RTX 4090): FP8 tensor cores exist but Unsloth refuses on-the-fly FP8
+    there, so rayquant's row-scaled FP8 linear (rayquant/fp8.py) runs instead. The planner records
+    the answer in NodePlan.fp8_path (the loader follows that); calibration and supports_fp8 ask here.
+    """
+    cc = tuple(compute_capability)
+    if cc >= (9, 0):
+        return "unsloth"
+    if cc == (8, 9):
+        return "rowwise"
+    return None
 
 
 def _key(text: str) -> str:
@@ -171,7 +187,7 @@ def lookup_gpu(text: str) -> GpuSpec:
     if m:
         return generic_gpu(float(m.group(1)))
     k = _key(raw)
-    if k == "cpu":
+    if k == _key(CPU_DEVICE):
         return cpu_device()
     if k in _INDEX:
         return _INDEX[k]
@@ -179,7 +195,7 @@ def lookup_gpu(text: str) -> GpuSpec:
     generic = re.fullmatch(r"gpu[-_ ]?(\d+(?:\.\d+)?)\s*(gib|gb|g)", raw, re.IGNORECASE)
     if generic:
         return generic_gpu(float(generic.group(1)))
-    names = [g.name for g in GPU_CATALOG] + ["CPU"]
+    names = [g.name for g in GPU_CATALOG] + [CPU_DEVICE]
     keys = {_key(n): n for n in names}
     close = [keys[c] for c in difflib.get_close_matches(k, list(keys), n=3, cutoff=0.0)]
     raise UnknownGpuError(f"unknown GPU {raw!r}. Closest catalog names: {', '.join(close)}. "
@@ -288,7 +304,8 @@ def node_types_from_dicts(rows: Iterable[Mapping[str, Any]]) -> tuple[NodeType, 
             continue
         host_bytes = int(host_gib * GIB)
         try:
-            gpu = cpu_device(host_bytes or None) if _key(gpu_text) == "cpu" else lookup_gpu(gpu_text)
+            gpu = (cpu_device(host_bytes or None) if _key(gpu_text) == _key(CPU_DEVICE)
+                   else lookup_gpu(gpu_text))
         except PlanError as e:
             problems.append(f"{where}: field 'gpu': {e}")
             continue

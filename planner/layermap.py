@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from planner.hardware import GIB
-from planner.model import ModelSpec
+from planner.architecture import ModelSpec
 from planner.plan import PlanError
 
 

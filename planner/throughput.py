@@ -1,14 +1,14 @@
 """Predicted training tokens/s of one worker: FLOPs per token over achievable FLOP/s, plus the
 memory-bound cost of dequantizing 4-bit weights.
 
-It ranks candidate plans; it is not a benchmark. See docs/planner.md for how far to trust it.
+It ranks candidate plans; it is not a benchmark. See docs/planner.md for how far to trust it. The
+CPU pseudo-device goes through the same formulas with its nominal catalog figures.
 """
 
 from __future__ import annotations
 
-from planner.hardware import GpuSpec
-from planner.memory import is_cpu
-from planner.model import ModelSpec
+from planner.hardware import GpuSpec, fp8_path_for
+from planner.architecture import ModelSpec
 
 # Achievable fraction of the dense tensor-core peak for 16-bit training matmuls (model FLOPs
 # utilisation). Published LLM fine-tuning runs land at 35-55% MFU on A100/H100 (PaLM paper table 3:
@@ -28,7 +28,6 @@ TOKENS_HALF_UTILISATION = 512
 # achievable 70% of peak bandwidth (STREAM-like copies reach 70-90%).
 DEQUANT_TRAFFIC_BYTES_PER_PARAM = 4.5
 BANDWIDTH_EFFICIENCY = 0.70
-# CPU pseudo-device: its catalog figures are nominal; the same formulas apply.
 
 
 def _linear_params(model: ModelSpec) -> tuple[int, int]:
@@ -84,7 +83,7 @@ def tokens_per_second(model: ModelSpec, gpu: GpuSpec, *, quantization: str, seq_
                                         lora_params=lora_n, gradient_checkpointing=gradient_checkpointing)
     tokens = seq_len * micro_batch_size
     util = tokens / (tokens + TOKENS_HALF_UTILISATION)
-    peak16 = (gpu.bf16_tflops if gpu.supports_bf16 and gpu.bf16_tflops else gpu.fp16_tflops) * 1e12
+    peak16 = gpu.tflops_16bit * 1e12
     if peak16 <= 0:
         return 0.0
     rate16 = peak16 * MFU_16BIT * util
@@ -92,8 +91,8 @@ def tokens_per_second(model: ModelSpec, gpu: GpuSpec, *, quantization: str, seq_
     # row-wise FP8 linear (rayquant/fp8.py), which quantizes its activations on every call: on an
     # H200 (2026-11-27, docs/gpu-measurements.md) its _scaled_mm ran at 0.55x, 1.08x and 0.58x the
     # bf16 GEMM for 4096x4096x4096, 4096x4096x14336 and 4096x14336x4096, so it gets no speedup here.
-    fp8_ok = quantization == "fp8" and gpu.fp8_tflops and tuple(gpu.compute_capability) >= (9, 0) \
-        and not is_cpu(gpu) and fp8_path != "rowwise"
+    fp8_ok = (quantization == "fp8" and gpu.fp8_tflops and fp8_path != "rowwise"
+              and fp8_path_for(gpu.compute_capability) == "unsloth")
     rate_linear = gpu.fp8_tflops * 1e12 * MFU_FP8 * util if fp8_ok else rate16
     seconds = linear / rate_linear + attention / rate16
     if quantization in ("nf4", "dynamic-4bit") and gpu.bandwidth_gb_per_s > 0:

@@ -46,7 +46,7 @@ class CalibrationCase:
     gradient_checkpointing: str = "unsloth"
     optimizer: str = "adamw_8bit"
     lora_rank: int = 16
-    fp8_path: str | None = None  # None: by compute capability (rayquant.fp8.fp8_path_for)
+    fp8_path: str | None = None  # None: by compute capability (planner.hardware.fp8_path_for)
     # dynamic-4bit: fraction of the 16-bit decoder-linear bytes the protected modules may add.
     protected_fraction: float = 0.05
 
@@ -195,7 +195,7 @@ def measure_case(case: CalibrationCase, checkpoint_dir: str | os.PathLike, steps
     """Load `checkpoint_dir` as `case` says, train `warmup + steps` steps, return the figures."""
     import torch
 
-    from rayquant.fp8 import fp8_path_for
+    from planner.hardware import fp8_path_for
     from rayquant.loading import load_for_training
     from planner.model import load_model_spec
 

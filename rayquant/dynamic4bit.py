@@ -19,16 +19,13 @@ Everything above the torch-using functions is plain Python, so selection is chea
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-# bitsandbytes' defaults for NF4 (bitsandbytes/functional.py quantize_4bit: blocksize=64; with
-# compress_statistics the per-block fp32 absmax is itself quantized to 8 bits in blocks of 256).
-NF4_BLOCKSIZE = 64
-NESTED_BLOCKSIZE = 256
+from planner.tensor_bytes import NF4_BLOCK, nf4_bytes, sixteen_bit_bytes
+
 # Modules bitsandbytes never quantizes in our loads (Unsloth's SKIP_QUANTIZATION_MODULES, unsloth_zoo/
 # peft_utils.py): they are 16-bit already, so protecting them costs nothing and gains nothing.
 ALREADY_16BIT = ("lm_head", "router", "mlp.gate", "block_sparse_moe.gate", "moe.gate", "mamba",
@@ -36,22 +33,12 @@ ALREADY_16BIT = ("lm_head", "router", "mlp.gate", "block_sparse_moe.gate", "moe.
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> int:
-    """Bytes of one weight in NF4: packed 4-bit values plus the per-block absmax.
+def protect_cost_bytes(numel: int, double_quant: bool = True) -> int:
+    """Extra bytes of keeping one weight in 16-bit instead of NF4 (biases are 16-bit either way).
 
-    Packed values: ceil(n/2) uint8 (two 4-bit codes per byte). absmax: one fp32 per block of 64, or
-    with double quantization one uint8 per block plus one fp32 per 256 blocks (QLoRA, Dettmers et al.
-    2023, sec. 3: 4 + 8/64 + 32/(64*256) = 4.127 bits/param). The per-tensor constants (two 256-entry
-    code books, an offset) are left out, which makes the protection cost below an upper bound.
-    """
-    blocks = math.ceil(numel / blocksize)
-    absmax = blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) if double_quant else 4 * blocks
-    return math.ceil(numel / 2) + absmax
-
-
-def protect_cost_bytes(numel: int, double_quant: bool = True, bytes_per_param_16bit: int = 2) -> int:
-    """Extra bytes of keeping one weight in 16-bit instead of NF4 (biases are 16-bit either way)."""
-    return bytes_per_param_16bit * numel - nf4_bytes(numel, double_quant)
+    The NF4 side leaves out the per-tensor code books (planner.tensor_bytes.nf4_bytes), which makes
+    this cost an upper bound."""
+    return sixteen_bit_bytes(numel) - nf4_bytes(numel, double_quant)
 
 
 @dataclass(frozen=True)
@@ -147,7 +134,7 @@ def nf4_relative_error(weight, double_quant: bool = True, max_elements: int | No
     if not w.dtype.is_floating_point or w.dtype == torch.float64:
         w = w.float()
     w = w.to(torch.bfloat16) if w.dtype == torch.float32 else w
-    q, state = bnbf.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, quant_type="nf4",
+    q, state = bnbf.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCK, quant_type="nf4",
                                   compress_statistics=double_quant)
     dq = bnbf.dequantize_4bit(q, state)
     ref = w.float()

@@ -1,6 +1,7 @@
 """FP8 base weights for LoRA: which FP8 path a GPU takes, and our own row-scaled FP8 linear.
 
-Two paths (the planner records which one in `NodePlan.fp8_path`):
+Two paths (planner.hardware.fp8_path_for picks one by compute capability; the plan records it in
+`NodePlan.fp8_path`):
 
 * ``"unsloth"`` (compute capability 9.x and newer): Unsloth's ``load_in_fp8=True``. Unsloth quantizes
   the checkpoint once with torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` and loads
@@ -25,6 +26,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from planner.hardware import fp8_path_for
+
 # Largest finite e4m3 value (torch.finfo(torch.float8_e4m3fn).max; OCP FP8 spec, table 1).
 E4M3_MAX = 448.0
 # A row of zeros would give a zero scale; this floor keeps the division finite (torchao uses 1e-12 as
@@ -34,22 +37,6 @@ _SCALE_FLOOR = 1e-12
 # and MoE routers (routing is sensitive) stay 16-bit, as Unsloth's SKIP_QUANTIZATION_MODULES keeps them.
 DEFAULT_SKIP = ("lm_head", "router", "mlp.gate", "block_sparse_moe.gate", "moe.gate", "score")
 
-FP8_PATHS = ("unsloth", "rowwise")
-
-
-def fp8_path_for(compute_capability: tuple[int, int]) -> str | None:
-    """The FP8 path for a GPU of this compute capability, or None where there are no FP8 tensor cores.
-
-    cc >= 9.0 takes Unsloth's load_in_fp8 (its own gate is ``get_device_capability() >= (9, 0)``);
-    cc 8.9 takes our row-scaled linear (FP8 tensor cores exist, Unsloth refuses on-the-fly FP8 there).
-    """
-    if tuple(compute_capability) >= (9, 0):
-        return "unsloth"
-    if tuple(compute_capability) == (8, 9):
-        return "rowwise"
-    return None
-
-
 def unsloth_fp8_problems() -> list[str]:
     """What stops Unsloth's load_in_fp8 on this machine (empty when it can run), each with a fix."""
     from packaging.version import Version
@@ -57,7 +44,7 @@ def unsloth_fp8_problems() -> list[str]:
     problems = []
     if not torch.cuda.is_available():
         problems.append("no CUDA GPU: load_in_fp8 needs compute capability >= 9.0 (H100, H200, B200)")
-    elif torch.cuda.get_device_capability() < (9, 0):
+    elif fp8_path_for(torch.cuda.get_device_capability()) != "unsloth":
         cc = torch.cuda.get_device_capability()
         problems.append(f"GPU has compute capability {cc[0]}.{cc[1]}; load_in_fp8 needs >= 9.0. "
                         "To fix: use fp8_path='rowwise' (cc 8.9) or 4-bit")

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from planner.host import host_memory_bytes
 from planner.plan import PlanError
 
 RAY_ACCELERATOR_LABEL = "ray.io/accelerator-type"  # set by Ray on nodes with a detected GPU
@@ -63,27 +64,6 @@ class NodeProbe:
 
 
 # -- reading one machine -----------------------------------------------------------------------
-def _cgroup_memory_limit_bytes() -> int | None:
-    """The container's memory limit (cgroup v2, then v1); None when unlimited or not in a cgroup."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path, encoding="ascii") as f:
-                raw = f.read().strip()
-        except OSError:
-            continue
-        # v1 reports "no limit" as a huge page-aligned number; anything past 2**60 is that.
-        if raw != "max" and raw.isdigit() and int(raw) < 2**60:
-            return int(raw)
-    return None
-
-
-def host_memory_bytes() -> int:
-    """RAM this process may use: physical memory, capped by a container limit (KubeRay pods)."""
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = _cgroup_memory_limit_bytes()
-    return min(physical, limit) if limit else physical
-
-
 def host_cpus() -> int:
     """CPUs this process may run on (its affinity mask, which containers narrow)."""
     try:

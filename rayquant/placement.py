@@ -16,11 +16,11 @@ import re
 import sys
 from typing import Any, Mapping, Sequence
 
+from planner.hardware import CPU_DEVICE
 from planner.plan import PlanError, TrainingPlan
 
 NODE_TYPE_LABEL = "rayquant.io/node-type"
 NODE_ID_LABEL = "ray.io/node-id"  # Ray's own label on every node (ray._raylet.RAY_NODE_ID_KEY)
-CPU_DEVICE = "CPU"  # the catalog name of the CPU pseudo-device (planner.hardware.cpu_device)
 _LABEL_VALUE_MAX = 63  # Kubernetes label value syntax, which Ray enforces (ray/_private/label_utils.py)
 
 

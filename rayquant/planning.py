@@ -105,7 +105,7 @@ def estimate(model: str, gpu: str, *, quantization: str = "nf4", double_quant: b
     tokens/s for one fixed configuration on one GPU, as plain data (`rayquant estimate --json`).
     Raises PlanError with a fix."""
     import planner
-    from planner.calibration import Calibration
+    from planner.calibration import Calibration, calibrated_peak_bytes
     from planner.plan import PlanError
 
     spec = model_spec(model)
@@ -134,9 +134,7 @@ def estimate(model: str, gpu: str, *, quantization: str = "nf4", double_quant: b
         cal = Calibration.load(calibration)
         factors = {"file": calibration, "memory_factor": cal.memory_factor(device.name, quantization),
                    "throughput_factor": cal.throughput_factor(device.name, quantization)}
-        # The factor compares allocated with allocated: context and slack stay as predicted.
-        outside = est.context_bytes + est.slack_bytes
-        peak = outside + round((est.peak_bytes - outside) * factors["memory_factor"])
+        peak = calibrated_peak_bytes(est, factors["memory_factor"])
         tps *= factors["throughput_factor"]
         notes.append(f"calibrated from {calibration}: memory x{factors['memory_factor']:.3f}, "
                      f"tokens/s x{factors['throughput_factor']:.3f}; breakdown and max_seq_len "

@@ -160,7 +160,7 @@ def run_checks(trainer) -> CheckReport:
                                 "give rows with something to learn")
     local = trainer._ray_address() is None
     if any(p.gpu == "CPU" for p in plan.node_plans):
-        from rayquant.inventory import host_memory_bytes
+        from planner.host import host_memory_bytes
 
         problems += host_ram_problems(plan, host_memory_bytes() if local else None)
     if problems:

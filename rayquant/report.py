@@ -32,7 +32,7 @@ def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def plan_table(plan) -> str:
+def plan_table(plan, spell=None) -> str:
     """The human-readable plan: choices, memory breakdown and reasons per node type."""
     job = plan.job
     lines = [f"Plan for {plan.model}: {plan.num_workers} worker(s), global batch "
@@ -56,7 +56,10 @@ def plan_table(plan) -> str:
         lines.append(f"  {p.node_type}")
         lines += [f"    {k}: {v}" for k, v in p.reasons.items()]
     if plan.warnings:
-        lines += ["", "Warnings:"] + [f"  - {w}" for w in plan.warnings]
+        from planner.vocab import render_settings
+
+        # Warnings name settings neutrally ({global_batch_size}); each face spells them its way.
+        lines += ["", "Warnings:"] + [f"  - {render_settings(w, spell)}" for w in plan.warnings]
     return "\n".join(lines)
 
 

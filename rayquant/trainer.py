@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from planner.atomic import write_atomically
+from planner.hardware import CPU_DEVICE
 from planner.plan import JobSpec, TrainingPlan
 from planner.vocab import SettingError
 from rayquant import planning
@@ -288,7 +289,7 @@ class RayQuantTrainer:
         from rayquant.placement import resources_per_worker, scaling_config_kwargs
 
         cpus = self.options.scaling.cpus_per_worker
-        if self._ray_address() is None and all(p.gpu == "CPU" for p in plan.node_plans):
+        if self._ray_address() is None and all(p.gpu == CPU_DEVICE for p in plan.node_plans):
             # The local machine is the whole cluster: no labels to pin by.
             return {"num_workers": plan.num_workers, "use_gpu": False,
                     "resources_per_worker": resources_per_worker(plan, cpus)}

@@ -45,6 +45,21 @@ def test_factors_memory_worst_case_throughput_geometric_mean():
     assert only_mem.throughput_factor("H100-80GB", "nf4") == 1.0
 
 
+def test_calibrated_peak_scales_only_what_the_allocator_holds():
+    from planner.calibration import calibrated_peak_bytes
+    from planner.memory import MemoryEstimate
+    from planner.plan import MemoryBreakdown
+
+    est = MemoryEstimate(breakdown=MemoryBreakdown(1000, 0, 0, 0, 0, 0, 300), peak_bytes=1300,
+                         host_bytes=0, capacity_bytes=10**4, trainable_params=0, module_bytes={},
+                         context_bytes=200, slack_bytes=100)
+    assert est.allocated_bytes == 1000
+    assert calibrated_peak_bytes(est, 1.0) == 1300
+    assert calibrated_peak_bytes(est, 1.5) == 300 + 1500  # context and slack stay as predicted
+    assert calibrated_peak_bytes(est, 1.0001) == 300 + 1001  # rounded up, never down
+    assert calibrated_peak_bytes(est, 2.0, peak_bytes=1100) == 300 + 1600  # a layer map's busiest GPU
+
+
 def test_round_trip_is_atomic_and_lossless(tmp_path):
     cal = Calibration((_m(alloc_ratio=1.2), _m(gpu="A10G", q="dynamic-4bit", tps_ratio=0.7)),
                       created="2026-01-01T00:00:00Z", environment={"torch": "2.11.0"})

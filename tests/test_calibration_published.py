@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from planner.hardware import lookup_gpu
-from planner.memory import GIB, estimate_memory
-from planner.model import ModelSpec, load_model_spec
+from planner.architecture import ModelSpec
+from planner.hardware import GIB, lookup_gpu
+from planner.memory import estimate_memory
+from planner.model import load_model_spec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "calibration" / "published_measurements.json"
 if not DATA.is_file():

@@ -8,12 +8,14 @@ import pytest
 from click.testing import CliRunner
 
 from planner.hardware import (
+    CPU_DEVICE,
     GIB,
     GPU_CATALOG,
     MIB,
     NodeType,
     UnknownGpuError,
     cpu_device,
+    fp8_path_for,
     lookup_gpu,
     node_types_from_dicts,
     parse_gpu_spec,
@@ -91,13 +93,27 @@ def test_unknown_gpu_names_closest_and_the_listing_command():
 
 def test_cpu_device():
     cpu = cpu_device(32 * GIB)
-    assert cpu.name == "CPU" and cpu.is_cpu and cpu.memory_bytes == 32 * GIB
+    assert cpu.name == CPU_DEVICE == "CPU" and cpu.is_cpu and cpu.memory_bytes == 32 * GIB
+    assert not any(g.is_cpu for g in GPU_CATALOG)
     assert cpu.compute_capability == (0, 0)
     assert not cpu.supports_bf16 and not cpu.supports_fp8 and cpu.fp8_tflops is None
     assert 0 < cpu.tflops_16bit < 5
     nt = NodeType(gpu=cpu, gpus_per_node=2, count=1, host_memory_bytes=32 * GIB)
     assert nt.key == "CPU:2" and nt.num_gpus == 2
     assert lookup_gpu("cpu").is_cpu and lookup_gpu("cpu").memory_bytes > 0
+
+
+def test_fp8_path_by_compute_capability():
+    assert fp8_path_for((9, 0)) == fp8_path_for((10, 0)) == fp8_path_for((12, 0)) == "unsloth"
+    assert fp8_path_for((8, 9)) == "rowwise"
+    assert fp8_path_for((8, 6)) is fp8_path_for((8, 0)) is fp8_path_for((7, 5)) is None
+    assert fp8_path_for(cpu_device(GIB).compute_capability) is None
+    # supports_fp8 is the same rule: FP8 tensor cores exactly where some FP8 path runs.
+    for g in GPU_CATALOG:
+        assert g.supports_fp8 == (fp8_path_for(g.compute_capability) is not None), g.name
+    assert fp8_path_for(lookup_gpu("H100-80GB").compute_capability) == "unsloth"
+    assert fp8_path_for(lookup_gpu("L4").compute_capability) == "rowwise"
+    assert fp8_path_for(lookup_gpu("A100-80GB").compute_capability) is None
 
 
 def test_parse_gpu_spec_forms_and_merging():

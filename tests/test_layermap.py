@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from planner.architecture import ModelSpec
 from planner.layermap import bytes_per_gpu, layer_device_map
-from planner.model import ModelSpec
 from planner.plan import PlanError
 
 MODEL = ModelSpec.from_config(dict(model_type="llama", hidden_size=512, intermediate_size=1536,

@@ -9,14 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from planner.catalog_models import MODEL_CATALOG, PUBLISHED_PARAMS
-from planner.model import (
-    LinearShape,
-    ModelConfigError,
-    ModelSpec,
-    UnknownModelError,
-    load_model_spec,
-)
-from planner.plan import DEFAULT_LORA_TARGETS, PlanError
+from planner.architecture import LinearShape, ModelConfigError, ModelSpec
+from planner.model import UnknownModelError, load_model_spec
+from planner.plan import PlanError
+from planner.vocab import DEFAULT_LORA_TARGETS
 
 
 # -- published exact counts -------------------------------------------------------------------

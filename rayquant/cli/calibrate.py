@@ -59,7 +59,10 @@ def calibrate_command(model, quantizations, seq_lens, micro_batches, backend, gr
     if not quantizations:
         import torch
 
-        fp8 = use_ray or (torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (8, 9))
+        from planner.hardware import fp8_path_for
+
+        fp8 = use_ray or (torch.cuda.is_available()
+                          and fp8_path_for(torch.cuda.get_device_capability(0)) is not None)
         quantizations = ("nf4", "bf16") + (("fp8",) if fp8 else ())
     cases = [cal.CalibrationCase(model, q, s, b, backend=backend,
                                  gradient_checkpointing=gradient_checkpointing)

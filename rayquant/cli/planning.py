@@ -57,6 +57,7 @@ def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_
     from planner.atomic import check_output, write_atomically
     from rayquant import planning
     from rayquant.config import LoraOptions, SftOptions
+    from rayquant.cli.errors import cli_spelling
     from rayquant.report import plan_table, plot_plan
 
     if as_json and as_yaml:
@@ -90,7 +91,7 @@ def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_
     elif as_yaml:
         click.echo(text_yaml, nl=False)
     else:
-        click.echo(plan_table(plan))
+        click.echo(plan_table(plan, cli_spelling))
 
 
 @click.command("estimate")

@@ -69,7 +69,7 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
                 **summary}, "model": dataclasses.asdict(checked.model), "steps": checked.total_steps,
                 "report_to": list(checked.report_to), "warnings": warnings}, indent=2))
         else:
-            click.echo(plan_table(checked.plan))
+            click.echo(plan_table(checked.plan, spell))
             click.echo("")
             for line in dry_run_lines(checked, cfg.dataset):
                 click.echo(line)
@@ -78,7 +78,7 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
             click.echo("Dry run: nothing trained. Drop --dry-run to train.")
         return
     if not as_json:
-        click.echo(plan_table(trainer.plan()))
+        click.echo(plan_table(trainer.plan(), flags_then_yaml(TRAIN_FLAGS)))
     where_to_look(f"Where to look: the run's checkpoints are kept under run.storage_path "
                   f"({run.storage_path}); worker logs are in Ray's session logs "
                   f"(/tmp/ray/session_latest/logs on the head node).")

@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from planner.hardware import CPU_DEVICE
 from rayquant.contract import WORKER_STATS_FILE, WorkerConfig, WorkerStats
 
 __all__ = ["import_unsloth_first", "train_loop_per_worker"]
@@ -106,7 +107,7 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str, ev
     zero3 = node_plan.placement == "zero3"
     args = None
     if zero3:
-        if node_plan.gpu == "CPU":
+        if node_plan.gpu == CPU_DEVICE:
             # DeepSpeed picks CUDA whenever torch sees a GPU, even for a CPU plan.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # Built before loading: the arguments hold transformers' ZeRO-3 config, which from_pretrained

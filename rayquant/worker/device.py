@@ -7,7 +7,7 @@ import os
 import resource
 from typing import Any
 
-from planner.hardware import GIB, lookup_gpu
+from planner.hardware import CPU_DEVICE, GIB, lookup_gpu
 from planner.plan import NodePlan
 from rayquant.contract import DeviceInfo
 
@@ -20,7 +20,7 @@ def check_device(node_plan: NodePlan, rank: int) -> DeviceInfo:
     """The device this worker runs on, checked against its NodePlan; a mismatch raises."""
     import torch
 
-    if node_plan.gpu == "CPU":
+    if node_plan.gpu == CPU_DEVICE:
         return DeviceInfo(device="cpu", name="CPU", cpus=os.cpu_count())
     if not torch.cuda.is_available():
         raise DeviceMismatchError(
@@ -47,7 +47,7 @@ def device_map_for(node_plan: NodePlan) -> dict[str, Any]:
     layer map over the worker's GPUs for node-spanning placement."""
     import torch
 
-    if node_plan.gpu == "CPU" or not torch.cuda.is_available():
+    if node_plan.gpu == CPU_DEVICE or not torch.cuda.is_available():
         return {"": "cpu"}
     if node_plan.placement == "node-spanning" and node_plan.device_map:
         return {module: int(gpu) for module, gpu in node_plan.device_map.items()}

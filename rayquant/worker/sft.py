@@ -12,6 +12,7 @@ rayquant.worker.evaluation's (token-weighted over all ranks, one collective)."""
 
 from __future__ import annotations
 
+from planner.hardware import CPU_DEVICE
 from planner.plan import NodePlan
 from rayquant.contract import SftSettings
 from rayquant.worker.optimizer import build_optimizer
@@ -101,7 +102,7 @@ def sft_args(settings: SftSettings, node_plan: NodePlan, out_dir: str):
         from rayquant.zero import zero3_config
 
         # DeepSpeed's engine replaces DDP; on CPU plans it runs on its CPU accelerator over gloo.
-        zero3 = {"deepspeed": zero3_config(node_plan), "use_cpu": node_plan.gpu == "CPU"}
+        zero3 = {"deepspeed": zero3_config(node_plan), "use_cpu": node_plan.gpu == CPU_DEVICE}
     return SFTConfig(**zero3,
         output_dir=out_dir, per_device_train_batch_size=node_plan.micro_batch_size,
         per_device_eval_batch_size=node_plan.micro_batch_size,
@@ -168,7 +169,7 @@ def keep_adapters_fp32(params) -> None:
     Under heterogeneous DDP an NF4 rank and an FP8 (16-bit loaded) rank must hold the LoRA
     parameters in one dtype: DDP broadcasts and all-reduces them as flat buffers, and a bf16 buffer
     against an fp32 one is a size mismatch in gloo/NCCL. fp32 is PEFT's own adapter dtype
-    (autocast_adapter_dtype) and what planner.memory counts (`_ADAPTER_BYTES = 4`); PEFT casts each
+    (autocast_adapter_dtype) and what planner.memory.trainable counts (`_ADAPTER_BYTES = 4`); PEFT casts each
     LoRA layer's input to the adapters' dtype and its output back to the base's (peft/tuners/lora/
     layer.py and bnb.py, `_cast_input_dtype`), so the base's compute dtype is unchanged. Parameters
     are changed in place, so the optimizer built before the trainer keeps them. ZeRO-3 plans are left

@@ -1,0 +1,123 @@
+"""Which configurations the search may try on a node type, and which of two is better.
+
+The allowed quantizations (pins, full fine-tuning, pre-quantized checkpoints, the GPU's FP8 path),
+micro-batches, checkpointing modes and placements, in the order the search tries them; `better`
+is the preference between two configurations that fit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from planner.architecture import ModelSpec
+from planner.hardware import GpuSpec, NodeType, fp8_path_for
+from planner.plan import JobSpec, PlanError
+from planner.vocab import OPTIMIZERS
+
+if TYPE_CHECKING:
+    from planner.search.candidates import Candidate
+
+MAX_MICRO_BATCH = 64
+# Ties (and prefer=accuracy) go to the more precise weights: 16-bit, then FP8, then 4-bit with
+# 16-bit modules protected, then plain NF4.
+PRECISION_RANK = {"bf16": 0, "fp16": 0, "fp8": 1, "dynamic-4bit": 2, "nf4": 3}
+SIXTEEN_BIT = ("bf16", "fp16")
+
+
+def sixteen_bit(gpu: GpuSpec) -> str:
+    """The 16-bit scheme this GPU trains in: bf16 from compute capability 8.0, else fp16."""
+    return "bf16" if gpu.supports_bf16 else "fp16"
+
+
+def allowed_quantizations(model: ModelSpec, gpu: GpuSpec, job: JobSpec) -> tuple[tuple[str, ...], dict]:
+    """The quantizations to try on `gpu`, most precise first, and notes for the reasons.
+
+    A pin is honoured or refused (FP8 without FP8 tensor cores, 4-bit with full fine-tuning); bf16
+    pinned on a GPU without bf16 becomes fp16. Unpinned: full fine-tuning is 16-bit only, a
+    bitsandbytes 4-bit checkpoint stays NF4, else 16-bit, FP8 where Unsloth's FP8 path runs (and
+    rayquant's row-wise FP8 on cc 8.9 only with prefer=speed: it is not faster there, see
+    planner.throughput), then dynamic 4-bit.
+    """
+    notes: dict[str, str] = {}
+    fp8_path = fp8_path_for(gpu.compute_capability)
+    if job.quantization is not None:
+        q = job.quantization
+        if q == "fp8" and fp8_path is None:
+            raise PlanError(f"{{quantization}} fp8 is pinned but {gpu.name} (compute capability "
+                            f"{gpu.compute_capability_str}) has no FP8 tensor cores. To fix: set "
+                            "{quantization} to dynamic-4bit or bf16 there, or leave it to the planner.")
+        if q == "bf16" and not gpu.supports_bf16:
+            notes["quantization"] = f"bf16 pinned, but {gpu.name} has no bf16: fp16 compute"
+            q = "fp16"
+        if job.full_finetune and q not in SIXTEEN_BIT:
+            raise PlanError(f"{{quantization}} {q} is pinned with {{full_finetune}}, which needs 16-bit "
+                            "weights. To fix: set {quantization} to bf16, or train LoRA adapters.")
+        return (q,), notes
+    if job.full_finetune:
+        return (sixteen_bit(gpu),), notes
+    if model.prequantized == "bnb-4bit":
+        notes["quantization"] = f"{model.name} is a pre-quantized bitsandbytes 4-bit checkpoint"
+        return ("nf4",), notes
+    out = [sixteen_bit(gpu)]
+    if fp8_path == "unsloth" or (fp8_path == "rowwise" and job.prefer == "speed"):
+        out.append("fp8")
+    out.append("dynamic-4bit")
+    return tuple(out), notes
+
+
+def micro_batches(job: JobSpec) -> tuple[int, ...]:
+    """The pinned micro-batch, else powers of two up to MAX_MICRO_BATCH."""
+    if job.micro_batch_size is not None:
+        return (job.micro_batch_size,)
+    return tuple(2**i for i in range(int(math.log2(MAX_MICRO_BATCH)) + 1))
+
+
+def checkpointing_modes(job: JobSpec, backend: str) -> tuple[str, ...]:
+    """The pinned checkpointing mode, else none and the backend's own (hf or unsloth)."""
+    if job.gradient_checkpointing is not None:
+        return (job.gradient_checkpointing,)
+    return ("none", backend)
+
+
+def backend_for(placement: str, job: JobSpec) -> str:
+    """ZeRO-3 runs on the hf backend (DeepSpeed); the other placements on the job's."""
+    return "hf" if placement == "zero3" else job.backend
+
+
+def placements(nt: NodeType) -> list[tuple[str, int]]:
+    """(placement, workers per node) in the order tried: a worker per GPU, then one worker
+    spanning a node's GPUs, then ZeRO-3 over all of the type's GPUs."""
+    out = [("per-gpu", nt.gpus_per_node)]
+    if nt.gpus_per_node > 1:
+        out.append(("node-spanning", 1))
+    if nt.num_gpus > 1:
+        out.append(("zero3", nt.gpus_per_node))
+    return out
+
+
+def placement_quantizations(quantizations: tuple[str, ...], placement: str, gpu: GpuSpec) -> tuple[str, ...]:
+    """The quantizations tried under `placement`: ZeRO-3 is planned with 16-bit weights only (the
+    GPU's 16-bit scheme where the allowed ones hold none)."""
+    if placement != "zero3":
+        return quantizations
+    return tuple(q for q in quantizations if q in SIXTEEN_BIT) or (sixteen_bit(gpu),)
+
+
+def better(a: "Candidate | None", b: "Candidate | None", job: JobSpec) -> bool:
+    """Is a better than b? Faster wins; ties go to more precision, the exact optimizer, less
+    recomputation. prefer=accuracy puts precision before speed."""
+    if a is None:
+        return False
+    if b is None:
+        return True
+    if job.prefer == "accuracy" and PRECISION_RANK[a.quantization] != PRECISION_RANK[b.quantization]:
+        return PRECISION_RANK[a.quantization] < PRECISION_RANK[b.quantization]
+    if not math.isclose(a.tokens_per_s, b.tokens_per_s, rel_tol=1e-9):
+        return a.tokens_per_s > b.tokens_per_s
+
+    def key(c: "Candidate") -> tuple:
+        return (PRECISION_RANK[c.quantization], OPTIMIZERS.index(c.optimizer), c.checkpointing != "none",
+                -c.micro_batch)
+
+    return key(a) < key(b)

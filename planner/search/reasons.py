@@ -1,0 +1,100 @@
+"""Why: the one-line reason for each choice of a node plan, and, for a node type where nothing fits,
+how much memory is missing and what would fix it. Settings are named as {placeholders} that each
+face spells its own way (planner.vocab)."""
+
+from __future__ import annotations
+
+import math
+
+from planner.architecture import ModelSpec
+from planner.hardware import GIB, fp8_path_for
+from planner.memory import estimate_memory, max_seq_len
+from planner.plan import JobSpec
+from planner.search.candidates import Candidate, TypeSearch
+from planner.search.policy import SIXTEEN_BIT, checkpointing_modes
+
+FP8_PATH_NAMES = {"unsloth": "Unsloth load_in_fp8", "rowwise": "rayquant's row-wise FP8 linear"}
+
+
+def _quantization_reason(ts: TypeSearch, cfg: Candidate, job: JobSpec) -> str:
+    gpu = ts.node_type.gpu
+    q = cfg.quantization
+    path = fp8_path_for(gpu.compute_capability)
+    if job.quantization:
+        return f"pinned to {q}" + (f" (FP8 via {FP8_PATH_NAMES[path]})" if q == "fp8" else "")
+    if q == "fp8":
+        via = FP8_PATH_NAMES[path] + (" (Unsloth's FP8 path needs cc 9.x)" if path == "rowwise" else "")
+        return (f"FP8 on compute capability {gpu.compute_capability_str} via {via}: fastest that fits "
+                f"({cfg.tokens_per_s:,.0f} tok/s)")
+    if q in SIXTEEN_BIT:
+        why = ("full fine-tuning needs 16-bit weights" if job.full_finetune else
+               "most accurate and it fits" if job.prefer == "accuracy" else
+               "fits with room to spare and needs no dequantization: fastest")
+        no_bf16 = "" if gpu.supports_bf16 else f"; {gpu.name} has no bf16, so fp16 compute"
+        return f"{q} weights ({why}){no_bf16}"
+    if q == "dynamic-4bit":
+        others = [x for x in ts.quantizations if x != q]
+        return ("dynamic 4-bit (NF4 + double quant, sensitive modules kept 16-bit within the spare memory)"
+                + (f": {', '.join(others)} does not fit or is slower" if others else ""))
+    return f"{q}: 4-bit NF4 weights as stored"
+
+
+def reasons(ts: TypeSearch, cfg: Candidate, job: JobSpec, accum: int, samples: int) -> dict[str, str]:
+    """Choice -> one-line reason, for the NodePlan of `ts`'s node type."""
+    gpu = ts.node_type.gpu
+    r = {"quantization": _quantization_reason(ts, cfg, job)}
+    if ts.notes.get("quantization"):
+        r["quantization"] = ts.notes["quantization"] + "; " + r["quantization"]
+    r["micro_batch_size"] = (f"pinned to {cfg.micro_batch}" if job.micro_batch_size else
+                             f"largest divisor of this worker's {samples} samples per step that fits "
+                             f"(peak {cfg.peak_bytes / GIB:.1f} of {ts.budget / GIB:.1f} GiB budget)")
+    r["gradient_accumulation_steps"] = (f"{accum} x {cfg.micro_batch} = {samples} samples per step, "
+                                        "its share of the global batch by predicted speed")
+    r["optimizer"] = (f"pinned to {cfg.optimizer}" if job.optimizer else
+                      "adamw_torch fits: exact fp32 states" if cfg.optimizer == "adamw_torch" else
+                      f"{cfg.optimizer}: 32-bit AdamW states do not fit as well (memory is tight)")
+    r["gradient_checkpointing"] = (f"pinned to {cfg.checkpointing}" if job.gradient_checkpointing else
+                                   "none: activations fit, no recomputation"
+                                   if cfg.checkpointing == "none" else
+                                   f"{cfg.checkpointing}: activations of every layer do not fit; "
+                                   "recompute (+~33% compute)" + (", layer inputs offloaded to host RAM"
+                                                                  if cfg.checkpointing == "unsloth" else ""))
+    r["placement"] = {
+        "per-gpu": "one worker per GPU (DDP): the model fits one GPU",
+        "node-spanning": f"one worker spans the node's {ts.node_type.gpus_per_node} GPUs with a "
+                         "layer map: one GPU cannot hold the model",
+        "zero3": f"ZeRO-3 over {ts.node_type.num_gpus} GPUs (hf backend): not even a node's GPUs "
+                 "hold the model",
+    }[cfg.placement]
+    r["safety_margin"] = f"{job.safety_margin:.0%} of {gpu.memory_gib:.1f} GiB kept free"
+    return r
+
+
+def shortfall(model: ModelSpec, ts: TypeSearch, job: JobSpec) -> str:
+    """For a node type where nothing fits: how much memory its smallest configuration lacks and
+    what would fix it."""
+    nt, gpu = ts.node_type, ts.node_type.gpu
+    micro = job.micro_batch_size or 1
+    quant = ts.quantizations[-1]
+    modes = checkpointing_modes(job, job.backend)
+    ckpt = "hf" if "hf" in modes else modes[-1]
+    opt = job.optimizer or "adamw_8bit"
+    kw = dict(quantization=quant, double_quant=job.double_quant, backend=job.backend,
+              micro_batch_size=micro, lora_rank=job.lora_rank, lora_targets=job.lora_targets,
+              full_finetune=job.full_finetune, gradient_checkpointing=ckpt, optimizer=opt)
+    need = estimate_memory(model, gpu, seq_len=job.seq_len, **kw).peak_bytes
+    fixes = []
+    fits_len = max_seq_len(model, gpu, safety_margin=job.safety_margin, **kw)
+    if fits_len > 0:
+        fixes.append(f"shorter sequences ({{seq_len}} {fits_len} fits)")
+    if quant in SIXTEEN_BIT and not job.full_finetune:
+        fixes.append("4-bit ({quantization} dynamic-4bit)")
+    if job.full_finetune:
+        fixes.append("LoRA instead of full fine-tuning")
+    elif len(job.lora_targets) > 2 or "all" in job.lora_targets:
+        fixes.append("fewer LoRA targets ({lora_targets} q_proj,v_proj)")
+    fixes.append(f"a GPU with at least {math.ceil(need / (1.0 - job.safety_margin) / GIB)} GiB")
+    return (f"{nt.key} ({gpu.memory_gib:.0f} GiB GPUs): the smallest configuration ({quant}, "
+            f"micro-batch {micro}, {ckpt} checkpointing, {opt}) needs {need / GIB:.1f} GiB per GPU, "
+            f"{(need - ts.budget) / GIB:.1f} GiB more than the {ts.budget / GIB:.1f} GiB budget "
+            f"({job.safety_margin:.0%} margin). To fix: " + ", or ".join(fixes))
