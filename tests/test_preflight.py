@@ -194,3 +194,10 @@ def test_training_stops_at_a_non_finite_loss_and_evaluates_at_the_last_step():
     assert [eval_slice(10, 3, r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
     assert [eval_batches(10, [2, 1, 4], r, same_count=False) for r in range(3)] == [2, 3, 1]
     assert {eval_batches(10, [2, 1, 4], r, same_count=True) for r in range(3)} == {3}
+
+
+def test_eval_progress_line():
+    from rayquant.progress import format_eval
+
+    assert format_eval(10, 40, 3.21449, 1234) == \
+        "[rayquant] eval at step 10/40  eval_loss 3.2145 over 1,234 tokens"
