@@ -50,7 +50,10 @@ def direct_run(steps: int, storage: str) -> dict:
     load_s = time.perf_counter() - t0
     settings = SftSettings.from_options(rq.options.sft, max_steps=steps, seq_len=plan.job.seq_len,
                                         dataset_format=data.format)
-    trainer, optimizer = make_sft_trainer(model, tok, data.dataset, node, settings, tempfile.mkdtemp())
+    from rayquant.tokens import tokenize
+
+    rows = tokenize(data, tok, plan.job.seq_len).dataset  # the rows as the driver tokenizes them
+    trainer, optimizer = make_sft_trainer(model, tok, rows, node, settings, tempfile.mkdtemp())
     t0 = time.perf_counter()
     out = trainer.train()
     train_s = time.perf_counter() - t0

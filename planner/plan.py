@@ -54,6 +54,9 @@ class JobSpec:
     micro_batch_size: int | None = None
     gradient_checkpointing: str | None = None
     double_quant: bool = True
+    # Rows packed into seq_len-token rows (sft.packing): every row is ~seq_len real tokens (no
+    # padding); attention stays within each packed sequence. Memory per row is still seq_len's.
+    packing: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))

@@ -120,9 +120,25 @@ def build_manifest(plan_dict: Mapping[str, Any], gathered: GatheredAdapters, ext
             "adapter_dtype": s.adapter_dtype,
             "adapter_sha256": s.adapter_sha256,
         })
-    return {"format": 1, "plan": dict(plan_dict), "adapter_sha256": gathered.sha256, "workers": workers,
-            "loss": loss_summary(list(gathered.worker_stats[0].losses)),
-            "versions": versions(), **dict(extra)}
+    manifest = {"format": 1, "plan": dict(plan_dict), "adapter_sha256": gathered.sha256, "workers": workers,
+                "loss": loss_summary(list(gathered.worker_stats[0].losses)),
+                "versions": versions(), **dict(extra)}
+    evaluation = eval_summary(gathered.worker_stats[0])
+    if evaluation is not None:
+        manifest["eval"] = evaluation
+    return manifest
+
+
+def eval_summary(stats: WorkerStats) -> dict[str, Any] | None:
+    """The manifest's `eval`: the (step, loss) curve of every evaluation (token-weighted over all
+    ranks, so rank 0's is every rank's), the last loss, the best, and which adapter was kept."""
+    if not stats.eval_losses:
+        return None
+    curve = [[s, v] for s, v in stats.eval_losses]
+    best = min(stats.eval_losses, key=lambda x: (x[1] != x[1], x[1]))  # NaN last
+    kept = "best" if stats.adapter_step is not None and stats.adapter_step != stats.global_steps else "last"
+    return {"curve": curve, "last": curve[-1][1], "best": {"step": best[0], "loss": best[1]},
+            "tokens": stats.eval_tokens, "adapter": kept, "adapter_step": stats.adapter_step}
 
 
 def is_adapter_output(path: str | os.PathLike) -> bool:

@@ -7,22 +7,66 @@ Problems name options as placeholders, `{sft.seq_len}` (and the planner's settin
 planner.vocab): str() of a ConfigError shows the YAML keys, and each face renders its own spelling
 (`yaml_spelling`: sft.seq_len; `python_spelling`: sft={"seq_len": ...}; the CLI: its flags).
 
-YAML schema of `rayquant train CONFIG.yaml` (only `model` and `dataset` are required)::
+YAML schema of `rayquant train CONFIG.yaml`. Only `model` and `dataset` are required; every other
+key shows its default (tests/test_config.py keeps this block equal to the dataclasses below).
+Numbers may be written in scientific notation (`learning_rate: 2e-4`): rayquant.yamlio reads YAML
+1.2 numbers, and an integer setting takes an integral float (`max_steps: 1e3`)::
 
-    model: rayquant/tiny-llama        # hub id, local directory, or rayquant/tiny-llama|tiny-qwen2
-    dataset: examples/data/tiny.jsonl # JSON / JSONL / Parquet file
+    model: rayquant/tiny-llama        # catalog id, Hugging Face Hub id, local model directory, or
+                                      # rayquant/tiny-llama | rayquant/tiny-qwen2 (built offline)
+    dataset: data/train.jsonl         # JSON / JSONL / Parquet file, a local directory of data
+                                      # files, or a Hub dataset id (org/name)
+    dataset_split: null               # the split to train on; null: train (or the only split)
+    dataset_subset: null              # the Hub dataset's config (subset) name, if it has several
+    eval_dataset: null                # evaluation rows, in the forms `dataset` takes
+    eval_dataset_split: null          # null: validation, else test, else the only split
+    eval_dataset_subset: null         # null: dataset_subset when eval_dataset is the same dataset
     plan: auto                        # auto | path to a plan JSON written by `rayquant plan --json`
     address: null                     # Ray address; null: RAY_ADDRESS or a local cluster
     calibration: null                 # file from `rayquant calibrate`, applied when plan: auto
-    lora:    {rank: 16, alpha: null, dropout: 0.0, targets: [q_proj, v_proj]}  # alpha null: = rank
-    sft:     {seq_len: 256, global_batch_size: 8, learning_rate: 2.0e-4, max_steps: 40,
-              num_epochs: 1.0, warmup_steps: 0, lr_scheduler: linear, weight_decay: 0.0,
-              max_grad_norm: 1.0, logging_steps: 10, seed: 0, dataset_format: auto,
-              text_field: text, prefer: balanced, backend: unsloth, quantization: nf4,
-              optimizer: adamw_8bit, micro_batch_size: null, gradient_checkpointing: null}
-    scaling: {num_workers: 2, use_gpu: null, gpus: null, cpus_per_worker: 1}
-    run:     {name: quickstart, storage_path: ~/rayquant_runs, output_dir: null, overwrite: false,
-              checkpoint_every_steps: 10, keep_checkpoints: 2, max_failures: 1}
+    lora:
+      rank: 16
+      alpha: null                     # null: = rank
+      dropout: 0.0
+      targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+    sft:
+      seq_len: 512                    # tokens per sequence; longer rows are truncated
+      global_batch_size: 8            # sequences (packed rows with packing) per optimizer step
+      learning_rate: 0.0002
+      max_steps: null                 # null: num_epochs over the dataset
+      num_epochs: 1.0
+      warmup_steps: 0
+      lr_scheduler: linear            # linear | cosine | constant | constant_with_warmup
+      weight_decay: 0.0
+      max_grad_norm: 1.0
+      logging_steps: 10
+      seed: 0
+      dataset_format: auto            # auto | text | messages | alpaca
+      text_field: text
+      packing: false                  # pack rows into seq_len-token rows (padding-free)
+      eval_fraction: 0.0              # hold out this fraction of the dataset for evaluation
+      eval_steps: null                # evaluate every N steps; null: once, at the end
+      keep_best: false                # publish the adapter of the best eval loss, not the last
+      prefer: balanced                # planner preference: balanced | speed | accuracy
+      backend: unsloth                # unsloth | hf
+      quantization: null              # null: the planner chooses; bf16 | fp16 | nf4 | dynamic-4bit | fp8
+      optimizer: null                 # null: the planner chooses; adamw_torch | adamw_8bit | paged_adamw_8bit
+      micro_batch_size: null          # null: the planner chooses
+      gradient_checkpointing: null    # null: the planner chooses; none | hf | unsloth
+    scaling:
+      num_workers: null               # null: one per GPU (2 on a CPU-only machine)
+      use_gpu: null                   # null: whatever the plan's node types are
+      gpus: null                      # plan for a described cluster: "2x8xH100-80GB,4x1xA10G"
+      cpus_per_worker: 1
+    run:
+      name: null                      # null: rayquant-<model>-<timestamp>
+      storage_path: ~/rayquant_runs
+      output_dir: null                # null: <storage_path>/<name>/adapter
+      overwrite: false
+      checkpoint_every_steps: null    # null: only at the end
+      keep_checkpoints: 2
+      max_failures: 0
+      report_to: []                   # any of tensorboard, mlflow, wandb (rank 0 logs)
 """
 
 from __future__ import annotations
@@ -30,6 +74,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -37,7 +82,12 @@ from planner.vocab import (BACKENDS, CHECKPOINTING, DATASET_FORMATS, DEFAULT_LOR
                            LR_SCHEDULERS, OPTIMIZERS, PREFERENCES, QUANTIZATIONS, SETTINGS, SettingError,
                            default_lora_alpha)
 
-TOP_LEVEL_KEYS = ("model", "dataset", "plan", "address", "calibration", "lora", "sft", "scaling", "run")
+TOP_LEVEL_KEYS = ("model", "dataset", "dataset_split", "dataset_subset", "eval_dataset", "eval_dataset_split",
+                  "eval_dataset_subset", "plan", "address", "calibration", "lora", "sft", "scaling", "run")
+DATA_KEYS = ("dataset", "dataset_split", "dataset_subset", "eval_dataset", "eval_dataset_split",
+             "eval_dataset_subset")
+# run.report_to: the tracking integrations of transformers rayquant passes on (rank 0 logs).
+REPORT_TO = ("tensorboard", "mlflow", "wandb")
 SECTIONS = ("lora", "sft", "scaling", "run")
 # Where each of the planner's neutral settings (planner.vocab.SETTINGS) lives in the YAML config and
 # in RayQuantTrainer's arguments; the rest (safety_margin, full_finetune, double_quant) are CLI-only.
@@ -179,6 +229,12 @@ class SftOptions:
     seed: int = 0
     dataset_format: str = "auto"
     text_field: str = "text"
+    # Rows packed into seq_len-token rows (TRL's best-fit-decreasing packing, padding-free): no
+    # padding, each row still attends only to itself, and its loss mask is kept.
+    packing: bool = False
+    eval_fraction: float = 0.0  # rows held out of the dataset for evaluation (a seeded split)
+    eval_steps: int | None = None  # None: evaluate once, at the end of training
+    keep_best: bool = False  # publish the adapter with the best eval loss instead of the last
     prefer: str = "balanced"
     backend: str = "unsloth"
     quantization: str | None = None
@@ -202,6 +258,11 @@ class SftOptions:
         _choice(p, "sft.dataset_format", self.dataset_format, DATASET_FORMATS)
         if not isinstance(self.text_field, str) or not self.text_field:
             p.append(f"{{sft.text_field}} must be a column name, got {self.text_field!r}")
+        for name in ("packing", "keep_best"):
+            if not isinstance(getattr(self, name), bool):
+                p.append(f"{{sft.{name}}} must be true or false, got {getattr(self, name)!r}")
+        _number_in(p, "sft.eval_fraction", self.eval_fraction, 0.0, 0.5)
+        _int_at_least(p, "sft.eval_steps", self.eval_steps, 1, allow_none=True)
         _choice(p, "sft.prefer", self.prefer, PREFERENCES)
         _choice(p, "sft.backend", self.backend, BACKENDS)
         _choice(p, "sft.quantization", self.quantization, QUANTIZATIONS, allow_none=True)
@@ -245,6 +306,15 @@ class RunOptions:
     checkpoint_every_steps: int | None = None  # None: only at the end
     keep_checkpoints: int = 2
     max_failures: int = 0
+    # Tracking through transformers' integrations, from rank 0 only: any of REPORT_TO.
+    report_to: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # `report_to: tensorboard`, or "tensorboard,mlflow"
+            names = [t.strip() for t in self.report_to.split(",") if t.strip()]
+            object.__setattr__(self, "report_to", () if names == ["none"] else tuple(names))
+        elif isinstance(self.report_to, (list, tuple)):
+            object.__setattr__(self, "report_to", tuple(self.report_to))
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -260,6 +330,13 @@ class RunOptions:
         _int_at_least(p, "run.checkpoint_every_steps", self.checkpoint_every_steps, 1, allow_none=True)
         _int_at_least(p, "run.keep_checkpoints", self.keep_checkpoints, 1)
         _int_at_least(p, "run.max_failures", self.max_failures, 0)
+        if not isinstance(self.report_to, tuple):
+            p.append(f"{{run.report_to}} must be a list of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        else:
+            for name in self.report_to:
+                _choice(p, "run.report_to", name, REPORT_TO)
+            if len(set(self.report_to)) != len(self.report_to):
+                p.append(f"{{run.report_to}} names an integration twice: {list(self.report_to)}")
         return p
 
 
@@ -282,23 +359,77 @@ def coerce_options(section: str, value: Any, problems: list[str]):
     for key in unknown:
         name = f"{{{section}.{key}}}" if str(key).isidentifier() else f"{section}.{key}"
         problems.append(f"{name} is not an option; known: {', '.join(sorted(known))}")
+    integers = _integer_fields(cls)
     try:
-        return cls(**{k: v for k, v in value.items() if k in known})
+        return cls(**{k: _integral(v) if k in integers else v for k, v in value.items() if k in known})
     except TypeError as e:  # the dataclass's own coercion of a value (LoraOptions.targets: tuple(5))
         problems.append(f"{{{section}}}: {e}")
         return cls()
 
 
+def _integer_fields(cls) -> set[str]:
+    """The fields of an options class that hold an integer (or None)."""
+    import typing
+
+    return {name for name, hint in typing.get_type_hints(cls).items()
+            if hint is int or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                               and int in typing.get_args(hint))}
+
+
+def _integral(value: Any) -> Any:
+    """An integral float as the integer it means (`max_steps: 1e3` reads as 1000.0); any other
+    value as it is, for the option's check to judge."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 # -- the top-level arguments: one check each for the YAML file and RayQuantTrainer -----------------
 
-def dataset_problems(dataset: Any) -> list[str]:
-    """A dataset must be given; a path must exist (objects are checked when the data is read)."""
+DATASET_FORMS = ("a JSON, JSONL or Parquet file, a directory of data files or a Hub dataset id "
+                 "(org/name)")
+
+
+def dataset_problems(dataset: Any, key: str = "dataset") -> list[str]:
+    """A dataset must be given; a path must exist, else be a Hub dataset id (read, and checked,
+    when the data is loaded; objects too)."""
+    from rayquant.models import looks_like_hub_id
+
     if dataset is None or dataset == "":
-        return ["{dataset} is required: a JSON, JSONL or Parquet file (from Python also a "
-                "datasets.Dataset, ray.data.Dataset or list of dicts)"]
-    if isinstance(dataset, (str, os.PathLike)) and not os.path.exists(os.path.expanduser(str(dataset))):
-        return [f"{{dataset}} {dataset} does not exist. To fix: point it at a JSON, JSONL or Parquet file"]
+        return [f"{{{key}}} is required: {DATASET_FORMS} (from Python also a datasets.Dataset, "
+                "ray.data.Dataset or list of dicts)"]
+    if isinstance(dataset, (str, os.PathLike)):
+        text = str(dataset)
+        if not os.path.exists(os.path.expanduser(text)) and not looks_like_hub_id(text):
+            return [f"{{{key}}} {dataset} does not exist. To fix: point it at {DATASET_FORMS}"]
     return []
+
+
+def data_problems(dataset: Any, dataset_split: Any = None, dataset_subset: Any = None,
+                  eval_dataset: Any = None, eval_dataset_split: Any = None,
+                  eval_dataset_subset: Any = None, sft: "SftOptions | None" = None) -> list[str]:
+    """The training and evaluation data arguments, checked together (the rows are read later)."""
+    p = dataset_problems(dataset)
+    if eval_dataset is not None:
+        p += dataset_problems(eval_dataset, "eval_dataset")
+    for key, value in (("dataset_split", dataset_split), ("dataset_subset", dataset_subset),
+                       ("eval_dataset_split", eval_dataset_split),
+                       ("eval_dataset_subset", eval_dataset_subset)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            p.append(f"{{{key}}} must be a split or subset name, got {value!r}")
+    fraction = getattr(sft, "eval_fraction", 0.0)
+    fraction = fraction if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else 0.0
+    if eval_dataset is not None and fraction > 0:
+        p.append("{eval_dataset} and {sft.eval_fraction} both give evaluation rows. To fix: keep one")
+    if eval_dataset is None and (eval_dataset_split is not None or eval_dataset_subset is not None):
+        p.append("{eval_dataset_split} and {eval_dataset_subset} apply to an {eval_dataset}, and none "
+                 "is given. To fix: add {eval_dataset}, or drop them")
+    if eval_dataset is None and not fraction and sft is not None:
+        for name in ("eval_steps", "keep_best"):
+            if getattr(sft, name) not in (None, False):
+                p.append(f"{{sft.{name}}} needs evaluation rows. To fix: set {{eval_dataset}} or "
+                         f"{{sft.eval_fraction}}, or drop {{sft.{name}}}")
+    return p
 
 
 def plan_problems(plan: Any) -> list[str]:
@@ -342,7 +473,12 @@ class TrainConfig:
     """The contents of a `rayquant train` YAML file, validated."""
 
     model: str
-    dataset: str
+    dataset: str  # a local path (resolved) or a Hub dataset id
+    dataset_split: str | None = None
+    dataset_subset: str | None = None
+    eval_dataset: str | None = None
+    eval_dataset_split: str | None = None
+    eval_dataset_subset: str | None = None
     plan: str = "auto"
     address: str | None = None
     calibration: str | None = None  # a `rayquant calibrate` file the plan applies (plan: auto)
@@ -362,24 +498,37 @@ def resolve_path(path: str, base_dir: str) -> str:
     return expanded if os.path.isabs(expanded) else os.path.normpath(os.path.join(base_dir, expanded))
 
 
-def parse_train_config(data: Any, base_dir: str = ".") -> TrainConfig:
+def resolve_reference(ref: str, base_dir: str) -> str:
+    """A model or dataset from a config file: a path that exists (relative to the file's directory,
+    or starting with ., / or ~) resolved as resolve_path does; anything else (a Hub or catalog id,
+    `org/name`) as written."""
+    from rayquant.models import looks_like_hub_id
+
+    resolved = resolve_path(ref, base_dir)
+    if ref.startswith((".", "/", "~")) or os.path.exists(resolved) or not looks_like_hub_id(ref):
+        return resolved
+    return ref
+
+
+def parse_train_config(raw: Any, base_dir: str = ".") -> TrainConfig:
     """Validate a parsed YAML mapping; relative dataset/plan/calibration paths resolve against
     `base_dir`."""
     from rayquant.models import model_problems
 
     problems: list[str] = []
-    if not isinstance(data, Mapping):
+    if not isinstance(raw, Mapping):
         raise ConfigError([f"the file must hold a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, "
-                           f"got {type(data).__name__}"], "training config", CONFIG_FIX)
-    for key in sorted(set(data) - set(TOP_LEVEL_KEYS), key=str):
+                           f"got {type(raw).__name__}"], "training config", CONFIG_FIX)
+    for key in sorted(set(raw) - set(TOP_LEVEL_KEYS), key=str):
         problems.append(f"{key!r} is not a config key; known: {', '.join(TOP_LEVEL_KEYS)}")
 
     def text(key: str, default: str | None = None) -> tuple[str | None, bool]:
-        value = data.get(key, default)
+        value = raw.get(key, default)
         if value is None or isinstance(value, str):
             return value, True
-        problems.append(f"{{{key}}} must be a {'model id or directory' if key == 'model' else 'path'}"
-                        f", got {value!r}")
+        what = {"model": "model id or directory", "dataset": "path or Hub dataset id",
+                "eval_dataset": "path or Hub dataset id"}.get(key, "name" if key in DATA_KEYS else "path")
+        problems.append(f"{{{key}}} must be a {what}, got {value!r}")
         return None, False
 
     model, ok = text("model")
@@ -387,10 +536,15 @@ def parse_train_config(data: Any, base_dir: str = ".") -> TrainConfig:
         if model and (model.startswith((".", "/", "~")) or os.path.exists(os.path.join(base_dir, model))):
             model = resolve_path(model, base_dir)
         problems += model_problems(model)
-    dataset, ok = text("dataset")
-    if ok:
-        dataset = resolve_path(dataset, base_dir) if dataset else dataset
-        problems += dataset_problems(dataset)
+    data: dict[str, Any] = {}
+    wrong = set()  # keys of the wrong type, said once above
+    for key in DATA_KEYS:
+        value, ok = text(key)
+        if ok and key in ("dataset", "eval_dataset") and value:
+            value = resolve_reference(value, base_dir)
+        data[key] = value if ok else None
+        if not ok:
+            wrong.add(key)
     plan, ok = text("plan", "auto")
     if ok:
         plan = resolve_path(plan, base_dir) if plan and plan != "auto" else plan
@@ -399,14 +553,16 @@ def parse_train_config(data: Any, base_dir: str = ".") -> TrainConfig:
     if ok:
         calibration = resolve_path(calibration, base_dir) if calibration else calibration
         problems += calibration_problems(calibration, plan)
-    problems += address_problems(data.get("address"))
-    options = {s: coerce_options(s, data.get(s), problems) for s in OPTION_CLASSES}
+    problems += address_problems(raw.get("address"))
+    options = {s: coerce_options(s, raw.get(s), problems) for s in OPTION_CLASSES}
     for opt in options.values():
         problems.extend(opt.problems())
+    problems += [p for p in data_problems(**data, sft=options["sft"])
+                 if not any(p.startswith(f"{{{key}}} ") for key in wrong)]
     if problems:
         raise ConfigError(problems, "training config", CONFIG_FIX)
-    return TrainConfig(model=model, dataset=dataset, plan=plan, address=data.get("address"),
-                       calibration=calibration, **options)
+    return TrainConfig(model=model, plan=plan, address=raw.get("address"), calibration=calibration,
+                       **data, **options)
 
 
 def planning_config(data: Mapping[str, Any], base_dir: str = ".") -> tuple[LoraOptions, SftOptions, str | None]:
@@ -430,9 +586,11 @@ def load_train_config(path: str) -> TrainConfig:
     """Read and validate a `rayquant train` YAML file (all problems reported at once)."""
     import yaml
 
+    from rayquant import yamlio
+
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yamlio.safe_load(f)
     except FileNotFoundError:
         raise ConfigError([f"{path} does not exist"], "training config",
                           "pass an existing file; examples/quickstart.yaml is a starting point") from None

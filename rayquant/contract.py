@@ -92,7 +92,7 @@ class SftSettings:
 
     max_steps: int  # optimizer steps of the whole run (the driver turns epochs into steps)
     seq_len: int
-    dataset_format: str  # the prepared data's format: text, messages or alpaca
+    dataset_format: str  # the prepared data's format: text, messages or alpaca (tokenized on the driver)
     learning_rate: float
     lr_scheduler: str
     warmup_steps: int
@@ -101,8 +101,18 @@ class SftSettings:
     logging_steps: int
     seed: int
     checkpoint_every_steps: int | None = None  # None: no checkpoints during training
+    # The rows are packed seq_len-token rows (tokenized and packed on the driver): batches are
+    # collated padding-free (position_ids restart per sequence, no attention mask).
+    packing: bool = False
+    evaluate: bool = False  # eval rows travel beside the training rows
+    eval_steps: int | None = None  # with evaluate: every N steps; None: once, at the end
+    keep_best: bool = False  # publish the adapter of the best eval loss
+    report_to: tuple[str, ...] = ()  # transformers' integrations rank 0 reports to
+    run_name: str | None = None  # the run's name, shared by every tracker
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, list):  # JSON's list
+            object.__setattr__(self, "report_to", tuple(self.report_to))
         problems = _check_types(self)
         if not problems:
             for name in ("max_steps", "seq_len", "logging_steps"):
@@ -110,6 +120,10 @@ class SftSettings:
                     problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
             if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
                 problems.append(f"checkpoint_every_steps must be >= 1 or None, got {self.checkpoint_every_steps}")
+            if self.eval_steps is not None and (self.eval_steps < 1 or not self.evaluate):
+                problems.append(f"eval_steps must be >= 1 and needs evaluate, got {self.eval_steps}")
+            if self.keep_best and not self.evaluate:
+                problems.append("keep_best needs evaluate")
             if self.dataset_format not in DATASET_FORMATS or self.dataset_format == "auto":
                 problems.append(f"dataset_format must be a detected format, got {self.dataset_format!r}")
             if self.lr_scheduler not in LR_SCHEDULERS:
@@ -119,16 +133,20 @@ class SftSettings:
 
     @classmethod
     def from_options(cls, sft: SftOptions, *, max_steps: int, seq_len: int, dataset_format: str,
-                     checkpoint_every_steps: int | None = None) -> "SftSettings":
-        """From rayquant.config.SftOptions: its trainer settings, with what the driver resolved."""
+                     checkpoint_every_steps: int | None = None, evaluate: bool = False,
+                     report_to: tuple[str, ...] = (), run_name: str | None = None) -> "SftSettings":
+        """From rayquant.config.SftOptions: its trainer settings, with what the driver resolved
+        (`evaluate`: whether eval rows travel; `report_to`: the integrations that can run)."""
         return cls(max_steps=max_steps, seq_len=seq_len, dataset_format=dataset_format,
                    learning_rate=sft.learning_rate, lr_scheduler=sft.lr_scheduler,
                    warmup_steps=sft.warmup_steps, weight_decay=sft.weight_decay,
                    max_grad_norm=sft.max_grad_norm, logging_steps=sft.logging_steps, seed=sft.seed,
-                   checkpoint_every_steps=checkpoint_every_steps)
+                   checkpoint_every_steps=checkpoint_every_steps, packing=sft.packing,
+                   evaluate=evaluate, eval_steps=sft.eval_steps if evaluate else None,
+                   keep_best=sft.keep_best and evaluate, report_to=tuple(report_to), run_name=run_name)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dict(dataclasses.asdict(self), report_to=list(self.report_to))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SftSettings":
@@ -153,6 +171,9 @@ class WorkerConfig:
     # One Ray label selector per rank (rayquant.placement), which each worker re-checks before it
     # loads weights; None where the local machine is the whole cluster.
     label_selectors: tuple[Mapping[str, str], ...] | None = None
+    # The run's options as the user gave them (lora, sft, scaling, run, model, dataset), plain JSON
+    # values: what rank 0 logs as the trackers' parameters beside the plan.
+    run_config: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.label_selectors, (list, tuple)):
@@ -170,7 +191,8 @@ class WorkerConfig:
     def to_dict(self) -> dict[str, Any]:
         selectors = None if self.label_selectors is None else [dict(s) for s in self.label_selectors]
         return {"plan": self.plan.to_dict(), "model": self.model, "sft": self.sft.to_dict(),
-                "label_selectors": selectors}
+                "label_selectors": selectors,
+                "run_config": None if self.run_config is None else dict(self.run_config)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "WorkerConfig":
@@ -182,7 +204,7 @@ class WorkerConfig:
                                 f"To fix: {_SAME_VERSION}.") from None
         return cls(plan=plan, model=data["model"],
                    sft=SftSettings.from_dict(data["sft"]),
-                   label_selectors=data.get("label_selectors"))
+                   label_selectors=data.get("label_selectors"), run_config=data.get("run_config"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -280,17 +302,27 @@ class WorkerStats:
     predicted_tokens_per_s: float
     losses: tuple[tuple[int, float], ...]  # (step, loss) at every logging step, across restarts
     adapter_sha256: str
+    # (step, eval loss) at every evaluation: token-weighted over every rank's eval rows, so equal on
+    # every rank; with the tokens one evaluation covered.
+    eval_losses: tuple[tuple[int, float], ...] = ()
+    eval_tokens: int = 0
+    adapter_step: int | None = None  # the step of the adapter saved (the best eval's with keep_best)
+    # Why training stopped before max_steps (a non-finite loss), None when it ran to the end.
+    stopped: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.losses, (list, tuple)):  # JSON's [[step, loss], ...] as tuples
-            object.__setattr__(self, "losses", tuple(tuple(x) if isinstance(x, (list, tuple)) else x
-                                                     for x in self.losses))
+        for name in ("losses", "eval_losses"):  # JSON's [[step, loss], ...] as tuples
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(tuple(x) if isinstance(x, (list, tuple)) else x
+                                                     for x in value))
         _raise_if(_check_types(self), f"WorkerStats of rank {self.rank}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["device"] = self.device.to_dict()
         d["losses"] = [[s, v] for s, v in self.losses]
+        d["eval_losses"] = [[s, v] for s, v in self.eval_losses]
         return d
 
     @classmethod

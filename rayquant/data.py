@@ -1,5 +1,16 @@
-"""Training data: load (HF Dataset, Ray Data, JSON/JSONL/Parquet), check every row, normalize to
-one of TRL's formats, and shard by rank in proportion to each rank's samples per optimizer step.
+"""Training data: load (HF Dataset, Ray Data, JSON/JSONL/Parquet, a local directory of data files,
+a Hub dataset), check every row, normalize to one of TRL's formats, split off evaluation rows, and
+shard by rank in proportion to each rank's samples per optimizer step.
+
+Sources: a file (.json, .jsonl, .parquet); a local directory of data files (or a dataset repo
+cloned locally: its README's `configs:` name the subsets) and a Hub dataset id (`org/name`), both
+through `datasets.load_dataset` and its cache (HF_DATASETS_OFFLINE, HF_TOKEN), with a split
+(default: train, or the only split) and a subset (the dataset's config name); a `datasets.Dataset`
+or `DatasetDict`; a Ray Data dataset; a list of dicts.
+
+Rows are numbered in errors the way the source counts them: `line N` (from 1) of a JSONL file,
+`row N` (from 1) of anything else, so a JSON array's third object is row 3 and a Parquet file's
+first row is row 1.
 
 Formats (detected from the columns unless given):
 - text:     a string column (`text_field`, default "text"); loss on every token.
@@ -17,10 +28,13 @@ should hear which row is wrong rather than Arrow's "Expected bytes, got a 'int' 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from planner.vocab import SettingError
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED_PROBLEMS = 20
@@ -32,17 +46,29 @@ ROW_FIX = ("correct or drop these rows (formats: text field, chat `messages`, or
 _MISSING = object()
 
 
-class DatasetError(ValueError):
-    """The data cannot be used: which rows, which fields, what was expected."""
+class DatasetError(SettingError):
+    """The data cannot be used: which rows, which fields, what was expected. Settings are named as
+    {placeholders} (`{dataset_split}`, `{sft.seq_len}`), spelled by each face (rayquant.config)."""
 
     def __init__(self, problems: list[str], total: int | None = None, source: str = "dataset",
                  fix: str = ROW_FIX) -> None:
-        self.problems = list(problems)
+        from rayquant.config import render_options
+
+        self.raw_problems = list(problems)
+        self.problems = [render_options(p) for p in problems]
+        self.fix = fix
+        self.source = source
         total = len(self.problems) if total is None else total
-        shown = "\n".join(f"  - {p}" for p in self.problems)
-        more = f"\n  ... and {total - len(self.problems)} more" if total > len(self.problems) else ""
-        super().__init__(f"{source} has {total} problem{'s' if total != 1 else ''}:\n{shown}{more}\n"
+        shown = "\n".join(f"  - {p}" for p in problems)
+        more = f"\n  ... and {total - len(problems)} more" if total > len(problems) else ""
+        self.template = (f"{source} has {total} problem{'s' if total != 1 else ''}:\n{shown}{more}\n"
                          f"To fix: {fix}.")
+        ValueError.__init__(self, render_options(self.template))
+
+    def render(self, spell: Callable[[str], str] | None = None) -> str:
+        from rayquant.config import render_options
+
+        return render_options(self.template, spell)
 
 
 def _plain(value: Any) -> Any:
@@ -56,12 +82,48 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _source_name(source: Any) -> str:
+def _source_name(source: Any, split: str | None = None, subset: str | None = None) -> str:
     if isinstance(source, (str, os.PathLike)):
-        return os.path.expanduser(str(source))
+        name = os.path.expanduser(str(source))
+        parts = [f"subset {subset}" if subset else "", f"split {split}" if split else ""]
+        extra = ", ".join(p for p in parts if p)
+        return f"{name} ({extra})" if extra else name
     if type(source).__module__.startswith("ray.data"):
         return "Ray Data dataset"
     return "dataset"
+
+
+@dataclass(frozen=True)
+class RowNumbering:
+    """How a source's rows are named in messages: `line N` of a JSONL file (its lines, blank ones
+    included, from 1), else `row N` (from 1)."""
+
+    lines: tuple[int, ...] | None = None  # the file line of each row, for JSONL
+
+    def label(self, index: int) -> str:
+        """The row at 0-based position `index` of the loaded source, as the user counts it."""
+        if self.lines is not None and 0 <= index < len(self.lines):
+            return f"line {self.lines[index]}"
+        return f"row {index + 1}"
+
+
+def _jsonl_lines(path: str) -> tuple[int, ...] | None:
+    """The line number of each row of a JSON Lines file (rows are its non-blank lines); None for a
+    JSON array."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        return None
+    return tuple(n for n, line in enumerate(text.splitlines(), 1) if line.strip())
+
+
+def row_numbering(source: Any) -> RowNumbering:
+    """How rows of `source` are numbered in messages (RowNumbering)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.path.expanduser(str(source))
+        if os.path.isfile(path) and os.path.splitext(path)[1].lower() in (".json", ".jsonl"):
+            return RowNumbering(_jsonl_lines(path))
+    return RowNumbering()
 
 
 def _json_syntax_problem(path: str) -> str | None:
@@ -131,24 +193,97 @@ def _load_file(path: str) -> "datasets.Dataset":  # noqa: F821
                            source=path, fix=fix) from None
 
 
-def load_rows(source: Any) -> "datasets.Dataset | list[dict]":  # noqa: F821
-    """The rows to check: a `datasets.Dataset` (from a Dataset, DatasetDict or file path), or a list
-    of plain dicts (from a list of dicts or a Ray Data dataset; Ray Data is materialized on the
-    driver, so its rows are checked before any worker starts, in the order Ray Data yields them)."""
+# The split taken when none is named, by role: training takes train (else the only split);
+# evaluation takes validation, else test (else the only split).
+DEFAULT_SPLITS = {"train": ("train",), "eval": ("validation", "valid", "val", "dev", "test")}
+
+
+def pick_split(splits: Sequence[str], split: str | None, role: str = "train") -> str:
+    """The split to read of `splits`: `split` when named, else the role's default (DEFAULT_SPLITS),
+    else the only one. Raises DatasetError naming the splits there are."""
+    key = "{eval_dataset_split}" if role == "eval" else "{dataset_split}"
+    if split is not None:
+        if split in splits:
+            return split
+        raise DatasetError([f"has no split {split!r}; its splits are {', '.join(splits)}"],
+                           fix=f"name one of them with {key}")
+    for name in DEFAULT_SPLITS[role]:
+        if name in splits:
+            return name
+    if len(splits) == 1:
+        return splits[0]
+    raise DatasetError([f"has splits {', '.join(splits)} and none is named {' or '.join(DEFAULT_SPLITS[role])}"],
+                       fix=f"name the split to use with {key}")
+
+
+def _load_repo(path: str, split: str | None, subset: str | None, role: str, hub: bool):
+    """A split of a local data directory or a Hub dataset, through datasets.load_dataset."""
     import datasets
 
+    from rayquant.models import hub_error
+
+    name = _source_name(path, split, subset)
+    datasets.disable_progress_bars()
+    try:
+        loaded = datasets.load_dataset(path, name=subset)
+    except Exception as e:  # classified: the Hub's errors, a missing subset, a folder without data
+        reason = hub_error(e, path, "dataset") if hub else None
+        if reason is None and isinstance(e, (ValueError, FileNotFoundError,
+                                             datasets.exceptions.DatasetNotFoundError)):
+            reason = f"could not be loaded: {e}"
+        if reason is None:
+            raise
+        if "onfig" in reason:
+            fix = "name the subset with {dataset_subset} (the dataset's config name)"
+        elif not hub:
+            fix = ("put JSON, JSONL or Parquet files in the directory (train.jsonl, test.jsonl... name "
+                   "the splits), or point {dataset} at one file")
+        else:
+            fix = "fix the id, split or subset as said above"
+        raise DatasetError([reason], source=name, fix=fix) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        try:
+            chosen = pick_split(list(loaded), split, role)
+        except DatasetError as e:
+            raise DatasetError(e.raw_problems, source=name, fix=e.fix) from None
+        return loaded[chosen]
+    return loaded
+
+
+def load_rows(source: Any, split: str | None = None, subset: str | None = None,
+              role: str = "train") -> "datasets.Dataset | list[dict]":  # noqa: F821
+    """The rows to check: a `datasets.Dataset` (from a Dataset, DatasetDict, file, data directory or
+    Hub dataset), or a list of plain dicts (from a list of dicts or a Ray Data dataset; Ray Data is
+    materialized on the driver, so its rows are checked before any worker starts, in the order Ray
+    Data yields them). `split` and `subset` pick a DatasetDict's split and a Hub dataset's config;
+    unnamed, the split is the role's default (pick_split)."""
+    import datasets
+
+    from rayquant.models import looks_like_hub_id
+
     name = _source_name(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.path.expanduser(str(source))
+        if os.path.isdir(path) or (not os.path.exists(path) and looks_like_hub_id(str(source))):
+            return _load_repo(path, split, subset, role, hub=not os.path.isdir(path))
+    if subset is not None:
+        raise DatasetError([f"the subset {subset!r} applies to a Hub dataset or a data directory, "
+                            "not to this source"], source=name, fix="drop the subset")
     if isinstance(source, datasets.Dataset):
         return source
     if isinstance(source, datasets.DatasetDict):
-        if "train" not in source:
-            raise DatasetError([f"DatasetDict has splits {sorted(source)} and no 'train'"], source=name,
-                               fix="pass the training split, e.g. dataset=ds['<split>']")
-        return source["train"]
+        try:
+            return source[pick_split(list(source), split, role)]
+        except DatasetError as e:
+            raise DatasetError([f"DatasetDict {e.raw_problems[0]}"], source=name,
+                               fix="pass the split, e.g. dataset=ds['<split>'], or name it") from None
+    if split not in (None, "train"):
+        raise DatasetError([f"a single file or list of rows has one split (train), not {split!r}"],
+                           source=name, fix="drop the split, or pass a data directory or Hub dataset")
     if type(source).__module__.startswith("ray.data"):
         return [_plain(dict(row)) for row in source.take_all()]
     if isinstance(source, (list, tuple)):
-        bad = [f"row {i}: expected a mapping of fields (one dict per row), got {type(r).__name__} {r!r:.60}"
+        bad = [f"row {i + 1}: expected a mapping of fields (one dict per row), got {type(r).__name__} {r!r:.60}"
                for i, r in enumerate(source) if not isinstance(r, dict)]
         if bad:
             raise DatasetError(bad[:MAX_REPORTED_PROBLEMS], total=len(bad), source=name)
@@ -186,54 +321,54 @@ def _got(value: Any) -> str:
     return "the field is missing or null" if value is _MISSING or value is None else f"got {value!r:.80}"
 
 
-def _row_problems(i: int, row: dict, fmt: str, text_field: str) -> list[str]:
+def _row_problems(i: str, row: dict, fmt: str, text_field: str) -> list[str]:
     def nonempty_str(v: Any) -> bool:
         return isinstance(v, str) and v.strip() != ""
 
     if fmt == "text":
         v = row.get(text_field, _MISSING)
-        return [] if nonempty_str(v) else [f"row {i}: field '{text_field}': expected a non-empty string, "
+        return [] if nonempty_str(v) else [f"{i}: field '{text_field}': expected a non-empty string, "
                                            f"{_got(v)}"]
     if fmt == "alpaca":
         out = []
         for key in ("instruction", "output"):
             v = row.get(key, _MISSING)
             if not nonempty_str(v):
-                out.append(f"row {i}: field '{key}': expected a non-empty string, {_got(v)}")
+                out.append(f"{i}: field '{key}': expected a non-empty string, {_got(v)}")
         if row.get("input") is not None and not isinstance(row.get("input"), str):
-            out.append(f"row {i}: field 'input': expected a string or null, got {row.get('input')!r:.80}")
+            out.append(f"{i}: field 'input': expected a string or null, got {row.get('input')!r:.80}")
         return out
     msgs = row.get("messages", _MISSING)
     if not isinstance(msgs, list) or not msgs:
-        return [f"row {i}: field 'messages': expected a non-empty list of {{role, content}} turns, {_got(msgs)}"]
+        return [f"{i}: field 'messages': expected a non-empty list of {{role, content}} turns, {_got(msgs)}"]
     out = []
     for j, m in enumerate(msgs):
         if not isinstance(m, dict):
-            out.append(f"row {i}: field 'messages[{j}]': expected a {{role, content}} mapping, got {m!r:.80}")
+            out.append(f"{i}: field 'messages[{j}]': expected a {{role, content}} mapping, got {m!r:.80}")
             continue
         if m.get("role") not in ROLES:
-            out.append(f"row {i}: field 'messages[{j}].role': expected one of {', '.join(ROLES)}, "
+            out.append(f"{i}: field 'messages[{j}].role': expected one of {', '.join(ROLES)}, "
                        f"{_got(m.get('role', _MISSING))}")
         if not isinstance(m.get("content"), str):
-            out.append(f"row {i}: field 'messages[{j}].content': expected a string, "
+            out.append(f"{i}: field 'messages[{j}].content': expected a string, "
                        f"{_got(m.get('content', _MISSING))}")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" and nonempty_str(m.get("content"))
                for m in msgs):
-        out.append(f"row {i}: field 'messages': expected at least one assistant turn with non-empty "
+        out.append(f"{i}: field 'messages': expected at least one assistant turn with non-empty "
                    f"content to learn from")
     return out
 
 
 def check_rows(ds, fmt: str, text_field: str = "text", cap: int = MAX_REPORTED_PROBLEMS,
-               source: str = "dataset") -> None:
-    """Raise DatasetError listing bad rows (the first `cap` of them, and how many in all).
-    `ds`: a datasets.Dataset or a list of dicts."""
+               source: str = "dataset", numbering: RowNumbering = RowNumbering()) -> None:
+    """Raise DatasetError listing bad rows (the first `cap` of them, and how many in all), each named
+    as `numbering` says. `ds`: a datasets.Dataset or a list of dicts."""
     problems: list[str] = []
     total = 0
     if len(ds) == 0:
         raise DatasetError(["the dataset is empty (no rows)"], source=source, fix="add rows")
     for i, row in enumerate(ds):
-        found = _row_problems(i, row, fmt, text_field)
+        found = _row_problems(numbering.label(i), row, fmt, text_field)
         total += len(found)
         problems.extend(found[: max(0, cap - len(problems))])
     if total:
@@ -316,20 +451,54 @@ class PreparedData:
     dataset: Any  # datasets.Dataset with normalized columns
     format: str
     num_rows: int
+    source: str = "dataset"  # the source as messages name it
+    # Position of each row in the loaded source (0-based), in the dataset's order (it is shuffled),
+    # and how the source numbers its rows: row k here is numbering.label(source_rows[k]).
+    source_rows: tuple[int, ...] = ()
+    numbering: RowNumbering = RowNumbering()
+
+    def label(self, k: int) -> str:
+        """Row k of this dataset named as its source counts it (`line 7`, `row 3`)."""
+        return self.numbering.label(self.source_rows[k] if self.source_rows else k)
+
+    def select(self, positions: Sequence[int]) -> "PreparedData":
+        """These rows (positions in this dataset), in this order, keeping their source numbering."""
+        positions = list(positions)
+        rows = self.source_rows or tuple(range(self.num_rows))
+        return dataclasses.replace(self, dataset=self.dataset.select(positions).flatten_indices(),
+                                   num_rows=len(positions), source_rows=tuple(rows[k] for k in positions))
 
 
-def prepare(source: Any, fmt: str = "auto", text_field: str = "text", shuffle_seed: int | None = 0) -> PreparedData:
-    """Load, check every row, normalize, shuffle once (the order every rank's shard is cut from)."""
-    name = _source_name(source)
-    rows = load_rows(source)
+def prepare(source: Any, fmt: str = "auto", text_field: str = "text", shuffle_seed: int | None = 0,
+            split: str | None = None, subset: str | None = None, role: str = "train") -> PreparedData:
+    """Load, check every row, normalize, shuffle once (the order every rank's shard is cut from;
+    the permutation datasets' Dataset.shuffle(seed) draws)."""
+    name = _source_name(source, split, subset)
+    rows = load_rows(source, split, subset, role)
     if len(rows) == 0:
         raise DatasetError(["the dataset is empty (no rows)"], source=name, fix="add rows")
     fmt = detect_format(_columns(rows), fmt, text_field)
-    check_rows(rows, fmt, text_field, source=name)
-    ds = normalize(rows, fmt, text_field)
+    numbering = row_numbering(source)
+    check_rows(rows, fmt, text_field, source=name, numbering=numbering)
+    data = PreparedData(dataset=normalize(rows, fmt, text_field), format=fmt, num_rows=len(rows),
+                        source=name, source_rows=tuple(range(len(rows))), numbering=numbering)
     if shuffle_seed is not None:
-        ds = ds.shuffle(seed=shuffle_seed).flatten_indices()
-    return PreparedData(dataset=ds, format=fmt, num_rows=len(ds))
+        import numpy as np
+
+        data = data.select(np.random.default_rng(shuffle_seed).permutation(data.num_rows).tolist())
+    return data
+
+
+def split_eval(data: PreparedData, fraction: float) -> tuple[PreparedData, PreparedData]:
+    """(training rows, evaluation rows): the last round(fraction x rows) rows of the (shuffled)
+    dataset, at least one, held out; deterministic for a seed. Raises DatasetError when no rows
+    would be left to train on."""
+    held = max(1, round(fraction * data.num_rows))
+    if held >= data.num_rows:
+        raise DatasetError([f"{{sft.eval_fraction}} {fraction} of {data.num_rows} rows leaves none to train on"],
+                           source=data.source, fix="add rows, or lower {sft.eval_fraction}")
+    keep = data.num_rows - held
+    return data.select(range(keep)), data.select(range(keep, data.num_rows))
 
 
 def steps_per_epoch(num_rows: int, samples_per_step: Sequence[int]) -> int:

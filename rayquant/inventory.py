@@ -301,7 +301,9 @@ def load_inventory_file(path: str):
     if is_yaml:
         import yaml
 
-        parse, malformed = yaml.safe_load, yaml.YAMLError
+        from rayquant import yamlio
+
+        parse, malformed = yamlio.safe_load, yaml.YAMLError
     else:
         parse, malformed = json.loads, json.JSONDecodeError
     try:

@@ -44,7 +44,7 @@ def job_spec(lora: LoraOptions, sft: SftOptions, *, safety_margin: float | None 
                    full_finetune=full_finetune, prefer=sft.prefer, backend=sft.backend,
                    quantization=sft.quantization, optimizer=sft.optimizer,
                    micro_batch_size=sft.micro_batch_size,
-                   gradient_checkpointing=sft.gradient_checkpointing, **extra)
+                   gradient_checkpointing=sft.gradient_checkpointing, packing=sft.packing, **extra)
 
 
 def node_types(*, gpus: str | None = None, inventory: str | None = None, address: str | None = None,
@@ -72,6 +72,17 @@ def node_types(*, gpus: str | None = None, inventory: str | None = None, address
     return tuple(dataclasses.replace(nt, gpus_per_node=cpu_workers or DEFAULT_CPU_WORKERS) for nt in local)
 
 
+def model_spec(model: str):
+    """The planner's ModelSpec of `model` (rayquant.models.config_path: a Hub id not in the catalog
+    fetches its config.json alone), named as the user named it rather than by its cache path."""
+    import planner
+    from rayquant.models import config_path
+
+    path = config_path(model)
+    spec = planner.load_model_spec(path)
+    return dataclasses.replace(spec, name=model) if path != model and spec.name == path else spec
+
+
 def make_plan(model: str, node_types: Sequence[NodeType], job: JobSpec,
               calibration: str | None = None) -> TrainingPlan:
     """Plan `model` on `node_types` for `job`; `calibration` is a `rayquant calibrate` file whose
@@ -79,9 +90,8 @@ def make_plan(model: str, node_types: Sequence[NodeType], job: JobSpec,
     the workers load). Raises PlanError (UnknownModelError, CalibrationError, ...) with a fix."""
     import planner
     from planner.calibration import Calibration
-    from rayquant.models import config_path
 
-    spec = planner.load_model_spec(config_path(model))
+    spec = model_spec(model)
     loaded = Calibration.load(calibration) if calibration else None
     return dataclasses.replace(planner.make_plan(spec, node_types, job, calibration=loaded), model=model)
 
@@ -97,9 +107,8 @@ def estimate(model: str, gpu: str, *, quantization: str = "nf4", double_quant: b
     import planner
     from planner.calibration import Calibration, calibrated_peak_bytes
     from planner.plan import PlanError
-    from rayquant.models import config_path
 
-    spec = planner.load_model_spec(config_path(model))
+    spec = model_spec(model)
     device = planner.lookup_gpu(gpu)
     notes = []
     if gradient_checkpointing == "unsloth" and backend == "hf":

@@ -23,11 +23,21 @@ def format_progress(step: int, total: int, loss: float | None, tokens_per_s: flo
             f"tokens/s {tokens_per_s:,.0f}  ETA {eta}")
 
 
+def format_eval(step: int, total: int, loss: float, tokens: int) -> str:
+    """`eval at step 10/20  eval_loss 4.8123 over 1,234 tokens`."""
+    return f"[rayquant] eval at step {step}/{total}  eval_loss {loss:.4f} over {tokens:,} tokens"
+
+
 class ProgressPrinter(UserCallback):
     """Ray Train callback (runs in the controller, whose output Ray forwards to the driver): one
     line per logging step, with the cluster's tokens/s (summed over workers)."""
 
     def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        if metrics and "eval_loss" in metrics[0]:  # equal on every rank (token-weighted over all)
+            m = metrics[0]
+            print(format_eval(int(m["step"]), int(m["total_steps"]), float(m["eval_loss"]),
+                              int(m.get("eval_tokens", 0))), flush=True)
+            return
         if not metrics or "loss" not in metrics[0]:
             if checkpoint is not None and metrics and "checkpoint_step" in metrics[0]:
                 print(f"[rayquant] checkpoint at step {int(metrics[0]['checkpoint_step'])}", flush=True)

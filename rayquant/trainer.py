@@ -32,13 +32,20 @@ from planner.vocab import SettingError
 from rayquant import planning
 from rayquant.cluster import connect, ray_address
 from rayquant.config import (ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, address_problems,
-                             calibration_problems, coerce_options, dataset_problems, plan_problems,
-                             python_spelling)
-from rayquant.models import model_problems, resolve_model
+                             calibration_problems, coerce_options, data_problems, plan_problems,
+                             python_spelling, render_options)
+from rayquant.models import model_problems, resolve_model, tiny_arch
 
-# Environment the workers need to stay offline and quiet; forwarded when set on the driver.
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME",
-                  "TOKENIZERS_PARALLELISM", "UNSLOTH_DISABLE_CPU_FALLBACK", "RAYQUANT_CACHE")
+# Environment the workers need to reach (or stay off) the Hub and stay quiet; forwarded when set on
+# the driver. HF_TOKEN reaches the workers through Ray's runtime env, never a log line.
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
+                  "HF_TOKEN", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM", "UNSLOTH_DISABLE_CPU_FALLBACK",
+                  "RAYQUANT_CACHE")
+
+
+class TrainedNothingError(RuntimeError):
+    """The run finished but trained nothing (no optimizer step, a non-finite loss): a failed run,
+    whose adapter is not published."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,12 @@ def _python_spelling(method):
 class RayQuantTrainer:
     """Fine-tune `model` on `dataset` with LoRA/QLoRA over a Ray cluster, as the plan says.
 
-    model:   hub id, local directory, or `rayquant/tiny-llama` / `rayquant/tiny-qwen2` (built offline)
-    dataset: datasets.Dataset, ray.data.Dataset, list of dicts, or a JSON/JSONL/Parquet path
+    model:   catalog or Hub id, local directory, or `rayquant/tiny-llama` / `rayquant/tiny-qwen2` (built offline)
+    dataset: datasets.Dataset, ray.data.Dataset, list of dicts, a JSON/JSONL/Parquet path, a local
+             directory of data files, or a Hub dataset id; dataset_split / dataset_subset pick its
+             split and config (rayquant.data)
+    eval_dataset: evaluation rows in the same forms (eval_dataset_split / eval_dataset_subset), or
+             sft={"eval_fraction": ...} holds some of `dataset` out
     plan:    "auto" (plan for the cluster), a TrainingPlan, or a path to a plan JSON
     lora, sft, scaling, run: mappings or rayquant.config.*Options (see their fields)
     address: Ray address; None: RAY_ADDRESS, else a local cluster (rayquant.cluster.connect)
@@ -90,18 +101,26 @@ class RayQuantTrainer:
     def __init__(self, *, model: str, dataset: Any, plan: str | TrainingPlan = "auto",
                  lora: Mapping | LoraOptions | None = None, sft: Mapping | SftOptions | None = None,
                  scaling: Mapping | ScalingOptions | None = None, run: Mapping | RunOptions | None = None,
-                 address: str | None = None, calibration: str | None = None) -> None:
-        problems = (model_problems(model) + dataset_problems(dataset) + plan_problems(plan)
+                 address: str | None = None, calibration: str | None = None,
+                 dataset_split: str | None = None, dataset_subset: str | None = None,
+                 eval_dataset: Any = None, eval_dataset_split: str | None = None,
+                 eval_dataset_subset: str | None = None) -> None:
+        problems = (model_problems(model) + plan_problems(plan)
                     + calibration_problems(calibration, plan) + address_problems(address))
         opts = {name: coerce_options(name, value, problems)
                 for name, value in (("lora", lora), ("sft", sft), ("scaling", scaling), ("run", run))}
         for o in opts.values():
             problems.extend(o.problems())
+        problems += data_problems(dataset, dataset_split, dataset_subset, eval_dataset, eval_dataset_split,
+                                  eval_dataset_subset, sft=opts["sft"])
         if problems:
             raise ConfigError(problems, "RayQuantTrainer arguments",
                               "correct these arguments (see help(RayQuantTrainer) and rayquant.config)")
         self.model = model
         self.dataset = dataset
+        self.dataset_split, self.dataset_subset = dataset_split, dataset_subset
+        self.eval_dataset = eval_dataset
+        self.eval_dataset_split, self.eval_dataset_subset = eval_dataset_split, eval_dataset_subset
         self._plan_arg = plan
         self.address = address
         self.calibration = calibration
@@ -143,26 +162,29 @@ class RayQuantTrainer:
         from rayquant.data import prepare
 
         sft = self.options.sft
-        return prepare(self.dataset, sft.dataset_format, sft.text_field, shuffle_seed=sft.seed)
+        return prepare(self.dataset, sft.dataset_format, sft.text_field, shuffle_seed=sft.seed,
+                       split=self.dataset_split, subset=self.dataset_subset)
 
-    def _training_problems(self, plan: TrainingPlan, num_rows: int) -> tuple[list[str], int]:
-        from rayquant.data import steps_per_epoch
+    @_python_spelling
+    def check(self):
+        """Everything that can be checked before Ray starts (rayquant.preflight): the rows, the
+        plan, the model and tokenizer, every row tokenized at seq_len, the batch against the rows,
+        host RAM. Returns a rayquant.preflight.CheckReport (its `warnings` name what is left out);
+        raises the input's error (DatasetError, ConfigError, PlanError) with a fix. fit() runs it."""
+        from rayquant.preflight import run_checks
 
-        problems = []
-        for attr in ("optimizer", "backend"):
-            values = {getattr(p, attr) for p in plan.node_plans}
-            if len(values) > 1:
-                problems.append(f"the plan's node types use different {attr}s ({', '.join(sorted(values))}); "
-                                f"DDP needs one, so every rank applies the same update. To fix: "
-                                f"pin it ({{{attr}}}) and re-plan")
-        per_rank = [plan.for_rank(r)[1].samples_per_step for r in range(plan.num_workers)]
-        epoch_steps = steps_per_epoch(num_rows, per_rank)
-        if epoch_steps < 1:
-            problems.append(f"the dataset has {num_rows} rows, fewer than one global batch of "
-                            f"{sum(per_rank)}. To fix: add rows or lower {{global_batch_size}}")
-        sft = self.options.sft
-        total = sft.max_steps or max(1, math.ceil(sft.num_epochs * max(epoch_steps, 1)))
-        return problems, total
+        return run_checks(self)
+
+    def _run_config(self) -> dict[str, Any]:
+        """The run's options as plain JSON values (what trackers log as parameters)."""
+        data = {"model": self.model, "dataset": self.dataset if isinstance(self.dataset, str)
+                else type(self.dataset).__name__, "dataset_split": self.dataset_split,
+                "dataset_subset": self.dataset_subset,
+                "eval_dataset": self.eval_dataset if isinstance(self.eval_dataset, (str, type(None)))
+                else type(self.eval_dataset).__name__,
+                **{k: asdict(v) for k, v in (("lora", self.options.lora), ("sft", self.options.sft),
+                                             ("scaling", self.options.scaling), ("run", self.options.run))}}
+        return json.loads(json.dumps(data, default=str))
 
     def _run_name(self) -> str:
         if self.options.run.name:
@@ -173,12 +195,10 @@ class RayQuantTrainer:
     @_python_spelling
     def fit(self) -> TrainResult:
         """Train on Ray and return the gathered adapter; data problems are raised before Ray starts."""
-        data = self.prepare_data()
-        plan = self.plan()
-        check_plan_runs(plan, self.options.scaling.cpus_per_worker)
-        problems, total_steps = self._training_problems(plan, data.num_rows)
-        if problems:
-            raise ConfigError(problems, "training setup")
+        checked = self.check()
+        plan, total_steps = checked.plan, checked.total_steps
+        for warning in checked.warnings:  # settings named by their option paths (sft.seq_len)
+            print(f"[rayquant] warning: {render_options(warning)}", flush=True)
         run = self.options.run
         name = self._run_name()
         storage = Path(run.storage_path).expanduser().resolve()
@@ -202,18 +222,8 @@ class RayQuantTrainer:
         from rayquant.progress import ProgressPrinter
         from rayquant.worker import fault_injection
 
-        model_path = resolve_model(self.model)  # build tiny models once here, not in every worker
-        if data.format == "messages":  # fail here, not in every worker, if the template cannot mask turns
-            from transformers import AutoTokenizer
-
-            from rayquant.data import check_chat_template
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(model_path)
-            except OSError:  # not readable from the driver (a hub id offline): the workers check
-                tokenizer = None
-            if tokenizer is not None:
-                check_chat_template(tokenizer, self.model)
+        if tiny_arch(self.model):
+            resolve_model(self.model)  # build tiny models once here, not in every worker
         connect(self._ray_address())
         scaling_kwargs = self._scaling_kwargs(plan)
         # The workers' environment, set by Ray when it starts their processes (worker_runtime_env).
@@ -224,16 +234,24 @@ class RayQuantTrainer:
         # into a captured stdout while `datasets` fingerprints TRL's map functions.
         env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
         env.update(fault_injection.worker_env(run_dir, plan.num_workers))  # test-only, usually {}
+        from rayquant.tracking import tracking_env
+
+        env.update(tracking_env(checked.report_to, run_dir))
+        data = checked.data
         worker_config = WorkerConfig(
             plan=plan, model=self.model,
             sft=SftSettings.from_options(self.options.sft, max_steps=total_steps, seq_len=plan.job.seq_len,
                                          dataset_format=data.format,
-                                         checkpoint_every_steps=run.checkpoint_every_steps),
-            label_selectors=scaling_kwargs.get("label_selector"))
+                                         checkpoint_every_steps=run.checkpoint_every_steps,
+                                         evaluate=checked.eval_tokens is not None,
+                                         report_to=checked.report_to, run_name=name),
+            label_selectors=scaling_kwargs.get("label_selector"), run_config=self._run_config())
         # The WorkerConfig travels as its JSON, the form tests/test_contract.py round-trips; the
-        # dataset beside it as a Ray object reference, which has no JSON form and is put once for
-        # all workers rather than copied into each one's config.
-        config = {"worker_config": worker_config.to_json(), "dataset": ray.put(data.dataset)}
+        # tokenized rows beside it as Ray object references, which have no JSON form and are put
+        # once for all workers rather than copied into each one's config.
+        config = {"worker_config": worker_config.to_json(), "dataset": ray.put(checked.tokens.dataset),
+                  "eval_dataset": (ray.put(checked.eval_tokens.dataset) if checked.eval_tokens is not None
+                                   else None)}
         print(f"[rayquant] training {self.model}: {plan.num_workers} workers, {total_steps} steps of "
               f"{plan.global_batch_size} sequences, run {name} in {storage}", flush=True)
         trainer = TorchTrainer(
@@ -252,11 +270,13 @@ class RayQuantTrainer:
             raise RuntimeError(f"the run {name} ended without the final adapters; see {run_dir}")
         with result.checkpoint.as_directory() as merged:
             gathered = gather(merged, plan.num_workers)
+            check_trained(gathered, run_dir)  # a run that trained nothing publishes no adapter
             manifest = build_manifest(plan.to_dict(), gathered, {
                 "run": {"name": name, "storage_path": str(run_dir), "steps": total_steps,
                         "fit_wall_s": wall_s, "dataset_rows": data.num_rows, "dataset_format": data.format,
-                        "ray_address": self._ray_address() or "local"},
-                "sft": asdict(self.options.sft)})
+                        "ray_address": self._ray_address() or "local",
+                        "report_to": list(checked.report_to)},
+                "sft": asdict(self.options.sft), "data": checked.data_summary()})
             adapter_dir = write_adapter_dir(gathered.adapter_dir, manifest, dest, overwrite=run.overwrite)
         write_atomically(run_dir / FINISHED_MARKER,
                          json.dumps({"adapter_dir": str(adapter_dir), "steps": total_steps}, indent=2))
@@ -276,6 +296,24 @@ class RayQuantTrainer:
         from rayquant.inventory import discover_node_types
 
         return scaling_config_kwargs(plan, discover_node_types(self._ray_address()), cpus_per_worker=cpus)
+
+
+def check_trained(gathered, run_dir: Path | str = "") -> None:
+    """Raise TrainedNothingError when the gathered ranks trained nothing: a rank took no optimizer
+    step, or training stopped on (or logged) a non-finite loss."""
+    problems = []
+    for s in gathered.worker_stats:
+        if s.global_steps == 0:
+            problems.append(f"rank {s.rank} took no optimizer step (its shard: {s.shard_rows} rows)")
+        if s.stopped:
+            problems.append(f"rank {s.rank}: {s.stopped}")
+    bad = [(step, loss) for step, loss in gathered.worker_stats[0].losses if not math.isfinite(loss)]
+    if bad and not any(s.stopped for s in gathered.worker_stats):
+        problems.append(f"the training loss was not finite at step(s) {', '.join(str(s) for s, _ in bad[:5])}")
+    if problems:
+        raise TrainedNothingError("the run trained nothing usable, so no adapter was published: "
+                                  + "; ".join(dict.fromkeys(problems))
+                                  + f". Its checkpoints and logs are in {run_dir}")
 
 
 def check_plan_runs(plan: TrainingPlan, cpus_per_worker: int = 1) -> None:
@@ -298,4 +336,5 @@ def _train_loop(config: dict) -> None:
     from rayquant.worker import train_loop_per_worker
 
     worker_config = WorkerConfig.from_json(config["worker_config"])
-    train_loop_per_worker(worker_config, config["dataset"], model_path=resolve_model(worker_config.model))
+    train_loop_per_worker(worker_config, config["dataset"], model_path=resolve_model(worker_config.model),
+                          eval_ref=config.get("eval_dataset"))

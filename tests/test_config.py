@@ -81,3 +81,92 @@ def test_trainer_arguments_collect_every_problem(tmp_path):
     from rayquant.config import yaml_spelling
 
     assert "sft.learning_rate must be" in e.value.render(yaml_spelling)
+
+
+# -- YAML numbers: scientific notation is the number it looks like, in every YAML rayquant reads -----
+
+def test_scientific_notation_is_a_number_in_the_train_config(tmp_path):
+    """YAML 1.1 (PyYAML) reads `2e-4` as the string '2e-4', which was refused ("got '2e-4'")."""
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "c.yaml").write_text("model: rayquant/tiny-llama\ndataset: d.jsonl\n"
+                                     "sft: {learning_rate: 2e-4, weight_decay: 1E-2, max_steps: 1e3, "
+                                     "max_grad_norm: .5e1, num_epochs: 1.5e0}\n")
+    sft = load_train_config(str(tmp_path / "c.yaml")).sft
+    assert sft.learning_rate == 2e-4 and isinstance(sft.learning_rate, float)
+    assert (sft.weight_decay, sft.max_grad_norm, sft.num_epochs) == (0.01, 5.0, 1.5)
+    assert sft.max_steps == 1000 and isinstance(sft.max_steps, int)  # an integral float, for an integer
+    # a quoted value stays a string, and is refused as one; a fraction is no integer
+    (tmp_path / "q.yaml").write_text("model: rayquant/tiny-llama\ndataset: d.jsonl\n"
+                                     "sft: {learning_rate: '2e-4', max_steps: 2.5e0}\n")
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(tmp_path / "q.yaml"))
+    assert "sft.learning_rate must be a number in [0.0, 1.0], got '2e-4'" in str(e.value)
+    assert "sft.max_steps must be an integer >= 1, got 2.5" in str(e.value)
+
+
+def test_scientific_notation_in_the_k8s_config_and_inventory_files(tmp_path):
+    from rayquant.cli.k8s import _read_config
+    from rayquant.inventory import load_inventory_file
+
+    (tmp_path / "job.yaml").write_text("model: rayquant/tiny-llama\nsft: {learning_rate: 1e-5}\n")
+    assert _read_config(str(tmp_path / "job.yaml"))["sft"]["learning_rate"] == 1e-5
+    (tmp_path / "nodes.yaml").write_text("nodes:\n  - {gpu: A10G, gpus_per_node: 1, count: 2, "
+                                         "host_memory_gib: 1.28e2}\n")
+    (node,) = load_inventory_file(str(tmp_path / "nodes.yaml"))
+    assert node.count == 2 and node.host_memory_bytes == 128 * 2**30
+
+
+# -- the schema in rayquant/config.py's docstring is the dataclasses' --------------------------------
+
+def test_the_documented_schema_states_the_real_defaults():
+    import dataclasses
+    import textwrap
+
+    import rayquant.config as config
+    from rayquant import yamlio
+
+    doc = config.__doc__
+    block = textwrap.dedent(doc[doc.index("::\n") + 3:])
+    documented = yamlio.safe_load(block)
+    assert list(documented) == list(config.TOP_LEVEL_KEYS)
+    for f in dataclasses.fields(config.TrainConfig):
+        if f.name in config.OPTION_CLASSES:
+            cls = config.OPTION_CLASSES[f.name]
+            want = {g.name: g.default for g in dataclasses.fields(cls)}
+            got = {k: tuple(v) if isinstance(v, list) else v for k, v in documented[f.name].items()}
+            assert got == want, f.name
+        elif f.default is not dataclasses.MISSING:
+            assert documented[f.name] == f.default, f.name
+    assert set(documented) - {f.name for f in dataclasses.fields(config.TrainConfig)} == set()
+
+
+# -- data, evaluation and tracking keys ---------------------------------------------------------------
+
+def test_data_and_evaluation_keys(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "org").mkdir()  # a folder named like a Hub org does not make `org/name` local
+    cfg = parse_train_config({"model": "rayquant/tiny-llama", "dataset": "org/name", "dataset_split": "train",
+                              "dataset_subset": "en", "eval_dataset": "d.jsonl",
+                              "sft": {"eval_steps": 5, "keep_best": True, "packing": True},
+                              "run": {"report_to": ["tensorboard", "mlflow"]}}, base_dir=str(tmp_path))
+    assert cfg.dataset == "org/name" and cfg.dataset_subset == "en"  # a Hub id, as written
+    assert cfg.eval_dataset == str(tmp_path / "d.jsonl")  # a local file, resolved
+    assert cfg.sft.packing and cfg.run.report_to == ("tensorboard", "mlflow")
+    assert RunOptions(report_to="tensorboard").report_to == ("tensorboard",)
+    with pytest.raises(ConfigError) as e:
+        parse_train_config({"model": "rayquant/tiny-llama", "dataset": "d.jsonl", "eval_dataset": "d.jsonl",
+                            "eval_dataset_split": 3, "sft": {"eval_fraction": 0.2}}, base_dir=str(tmp_path))
+    text = str(e.value)
+    assert "eval_dataset and sft.eval_fraction both give evaluation rows" in text
+    assert "eval_dataset_split must be a name, got 3" in text
+    with pytest.raises(ConfigError) as e:
+        parse_train_config({"model": "rayquant/tiny-llama", "dataset": "missing.jsonl",
+                            "sft": {"eval_steps": 5, "keep_best": True, "eval_fraction": 0.9},
+                            "run": {"report_to": ["tensorbored"]}}, base_dir=str(tmp_path))
+    text = str(e.value)
+    for needle in ("missing.jsonl does not exist", "sft.eval_fraction must be a number in [0.0, 0.5], got 0.9",
+                   "run.report_to must be one of tensorboard, mlflow, wandb, got 'tensorbored'"):
+        assert needle in text
+    with pytest.raises(ConfigError, match="sft.keep_best needs evaluation rows"):
+        parse_train_config({"model": "rayquant/tiny-llama", "dataset": "d.jsonl", "sft": {"keep_best": True}},
+                           base_dir=str(tmp_path))

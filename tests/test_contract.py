@@ -32,12 +32,14 @@ def _plan() -> TrainingPlan:
 
 SFT = {"max_steps": 8, "seq_len": 128, "dataset_format": "messages", "learning_rate": 0.005,
        "lr_scheduler": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-       "logging_steps": 1, "seed": 0, "checkpoint_every_steps": 2}
+       "logging_steps": 1, "seed": 0, "checkpoint_every_steps": 2, "packing": True, "evaluate": True,
+       "eval_steps": 4, "keep_best": True, "report_to": ["tensorboard", "mlflow"], "run_name": "run-1"}
 
 
 def _config_json() -> dict:
     return {"plan": _plan().to_dict(), "model": "rayquant/tiny-llama", "sft": dict(SFT),
-            "label_selectors": [{"ray.io/node-id": "a"}, {"ray.io/node-id": "b"}, {"ray.io/node-id": "b"}]}
+            "label_selectors": [{"ray.io/node-id": "a"}, {"ray.io/node-id": "b"}, {"ray.io/node-id": "b"}],
+            "run_config": {"model": "rayquant/tiny-llama", "sft": {"seq_len": 128}}}
 
 
 STATS = {
@@ -55,6 +57,7 @@ STATS = {
     "peak_memory_bytes": 1234567, "peak_memory_source": "torch.cuda.max_memory_allocated",
     "predicted_peak_memory_bytes": 2345678, "train_s": 12.5, "tokens_per_s": 810.25,
     "predicted_tokens_per_s": 400.0, "losses": [[1, 5.5], [2, 5.25]], "adapter_sha256": "0" * 64,
+    "eval_losses": [[4, 5.4], [8, 5.1]], "eval_tokens": 640, "adapter_step": 8, "stopped": None,
 }
 
 
@@ -63,7 +66,7 @@ STATS = {
 def test_worker_config_round_trips_through_json():
     raw = _config_json()
     config = WorkerConfig.from_dict(raw)
-    assert config.plan == _plan() and config.sft == SftSettings(**SFT)
+    assert config.plan == _plan() and config.sft == SftSettings(**dict(SFT, report_to=("tensorboard", "mlflow")))
     assert config.label_selectors[2] == {"ray.io/node-id": "b"}
     assert json.loads(config.to_json()) == json.loads(json.dumps(raw))
     assert WorkerConfig.from_json(config.to_json()) == config
@@ -84,10 +87,16 @@ def test_worker_stats_round_trip_through_json():
 def test_sft_settings_take_the_trainer_settings_of_the_options():
     from rayquant.config import SftOptions
 
-    sft = SftOptions(learning_rate=0.005, logging_steps=1, seq_len=512)
+    sft = SftOptions(learning_rate=0.005, logging_steps=1, seq_len=512, packing=True, eval_steps=4,
+                     keep_best=True)
     got = SftSettings.from_options(sft, max_steps=8, seq_len=128, dataset_format="messages",
-                                   checkpoint_every_steps=2)
-    assert got == SftSettings(**SFT)  # seq_len is the plan's, not the options' default
+                                   checkpoint_every_steps=2, evaluate=True,
+                                   report_to=("tensorboard", "mlflow"), run_name="run-1")
+    # seq_len is the plan's, not the options' default; report_to is what can run (the driver's)
+    assert got == SftSettings(**dict(SFT, report_to=("tensorboard", "mlflow")))
+    # without eval rows, eval settings do not travel (the config refuses them before this)
+    quiet = SftSettings.from_options(sft, max_steps=8, seq_len=128, dataset_format="messages")
+    assert (quiet.evaluate, quiet.eval_steps, quiet.keep_best) == (False, None, False)
 
 
 def test_manifest_forms_of_device_and_quantization():

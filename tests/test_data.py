@@ -46,10 +46,28 @@ def test_bad_rows_are_all_reported_with_row_field_and_expectation(tmp_path):
         prepare(path)
     text = str(e.value)
     assert "3 problems" in text
-    assert "row 1: field 'instruction': expected a non-empty string" in text
-    assert "row 2: field 'output': expected a non-empty string, the field is missing or null" in text
-    assert "row 2: field 'input': expected a string or null, got 3" in text
+    # a JSON Lines file's rows are named by their line, from 1
+    assert "line 2: field 'instruction': expected a non-empty string" in text
+    assert "line 3: field 'output': expected a non-empty string, the field is missing or null" in text
+    assert "line 3: field 'input': expected a string or null, got 3" in text
     assert "To fix" in text
+
+
+def test_rows_are_numbered_the_way_their_source_counts_them(tmp_path):
+    """JSONL: the file's line (blank lines count, as an editor shows them); anything else: row N from
+    1 (a JSON array's Nth object, a Parquet file's Nth row, a list's Nth item)."""
+    import datasets
+
+    good, bad = {"text": "fine"}, {"text": ""}
+    (tmp_path / "d.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n\n\n" + json.dumps(bad) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps([good, good, bad]))
+    datasets.Dataset.from_list([good, good, bad]).to_parquet(str(tmp_path / "d.parquet"))
+    for src, name in ((str(tmp_path / "d.jsonl"), "line 6"), (str(tmp_path / "d.json"), "row 3"),
+                      (str(tmp_path / "d.parquet"), "row 3"), ([good, good, bad], "row 3"),
+                      (datasets.Dataset.from_list([good, good, bad]), "row 3")):
+        with pytest.raises(DatasetError) as e:
+            prepare(src)
+        assert e.value.problems == [f"{name}: field 'text': expected a non-empty string, got ''"], src
 
 
 def test_chat_rows_are_checked_turn_by_turn():
@@ -62,8 +80,8 @@ def test_chat_rows_are_checked_turn_by_turn():
     with pytest.raises(DatasetError) as e:
         check_rows(ds, "messages")
     text = str(e.value)
-    assert "row 1: field 'messages[0].role': expected one of system, user, assistant, tool, got 'bot'" in text
-    assert "row 1: field 'messages': expected at least one assistant turn" in text
+    assert "row 2: field 'messages[0].role': expected one of system, user, assistant, tool, got 'bot'" in text
+    assert "row 2: field 'messages': expected at least one assistant turn" in text
 
 
 def test_problem_list_is_capped_but_counted():
@@ -111,7 +129,7 @@ def test_fit_reports_bad_rows_before_any_worker_starts(tmp_path):
     ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     path = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"text": 7}])
     trainer = RayQuantTrainer(model="rayquant/tiny-llama", dataset=path, run={"storage_path": str(tmp_path)})
-    with pytest.raises(DatasetError, match="row 1: field 'text'"):
+    with pytest.raises(DatasetError, match="line 2: field 'text'"):
         trainer.fit()
     if not ray_was_up:
         assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
@@ -190,36 +208,36 @@ def test_every_source_gives_the_same_rows(fmt, tmp_path):
 # Bad rows each typed source can hold (Parquet and datasets.Dataset columns have one type).
 BAD_TYPED = {
     "text": ([{"text": "ok"}, {"text": ""}, {"text": None}],
-             ["row 1: field 'text': expected a non-empty string, got ''",
-              "row 2: field 'text': expected a non-empty string, the field is missing or null"]),
+             ["row 2: field 'text': expected a non-empty string, got ''",
+              "row 3: field 'text': expected a non-empty string, the field is missing or null"]),
     "alpaca": ([{"instruction": "a", "input": "", "output": "b"}, {"instruction": " ", "input": "", "output": None}],
-               ["row 1: field 'instruction': expected a non-empty string, got ' '",
-                "row 1: field 'output': expected a non-empty string, the field is missing or null"]),
+               ["row 2: field 'instruction': expected a non-empty string, got ' '",
+                "row 2: field 'output': expected a non-empty string, the field is missing or null"]),
     "messages": ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
                   {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": ""}]},
                   {"messages": []}],
-                 ["row 1: field 'messages[0].role': expected one of system, user, assistant, tool, got 'bot'",
-                  "row 1: field 'messages': expected at least one assistant turn with non-empty content",
-                  "row 2: field 'messages': expected a non-empty list of {role, content} turns, got []"]),
+                 ["row 2: field 'messages[0].role': expected one of system, user, assistant, tool, got 'bot'",
+                  "row 2: field 'messages': expected at least one assistant turn with non-empty content",
+                  "row 3: field 'messages': expected a non-empty list of {role, content} turns, got []"]),
 }
 # Bad rows only untyped sources can hold: a field whose type changes from row to row (Arrow would
 # refuse the column; the user must hear the row instead).
 BAD_MIXED = {
     "text": ([{"text": "ok"}, {"text": 7}, {"body": "x"}],
-             ["row 1: field 'text': expected a non-empty string, got 7",
-              "row 2: field 'text': expected a non-empty string, the field is missing or null"]),
+             ["row 2: field 'text': expected a non-empty string, got 7",
+              "row 3: field 'text': expected a non-empty string, the field is missing or null"]),
     "alpaca": ([{"instruction": "a", "input": 3, "output": "b"}, {"instruction": ["a"], "output": "b"}],
-               ["row 0: field 'input': expected a string or null, got 3",
-                "row 1: field 'instruction': expected a non-empty string, got ['a']"]),
+               ["row 1: field 'input': expected a string or null, got 3",
+                "row 2: field 'instruction': expected a non-empty string, got ['a']"]),
     "messages": ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
                   {"messages": "hello"},
                   {"messages": [{"role": "user", "content": 5}, {"content": "x"}, "assistant: hi"]}],
-                 ["row 1: field 'messages': expected a non-empty list of {role, content} turns, got 'hello'",
-                  "row 2: field 'messages[0].content': expected a string, got 5",
-                  "row 2: field 'messages[1].role': expected one of system, user, assistant, tool, "
+                 ["row 2: field 'messages': expected a non-empty list of {role, content} turns, got 'hello'",
+                  "row 3: field 'messages[0].content': expected a string, got 5",
+                  "row 3: field 'messages[1].role': expected one of system, user, assistant, tool, "
                   "the field is missing or null",
-                  "row 2: field 'messages[2]': expected a {role, content} mapping, got 'assistant: hi'",
-                  "row 2: field 'messages': expected at least one assistant turn"]),
+                  "row 3: field 'messages[2]': expected a {role, content} mapping, got 'assistant: hi'",
+                  "row 3: field 'messages': expected at least one assistant turn"]),
 }
 
 
@@ -238,7 +256,8 @@ def test_bad_rows_give_the_same_error_from_every_source(fmt, tmp_path):
             got = _problems(_write_source(kind, rows, tmp_path), fmt)
             assert len(got) == len(want), (kind, got)
             for g, w in zip(got, want):
-                assert g.startswith(w), (kind, g, w)
+                # the same row, named as its source counts it: a JSONL file's line N is row N here
+                assert g.startswith(w.replace("row ", "line ", 1) if kind == "jsonl" else w), (kind, g, w)
 
 
 def test_file_and_source_errors_say_what_and_how_to_fix(tmp_path):
@@ -253,7 +272,7 @@ def test_file_and_source_errors_say_what_and_how_to_fix(tmp_path):
     cases[str(tmp_path / "empty.parquet")] = "the dataset is empty"
     cases[str(tmp_path / "missing.jsonl")] = "the file does not exist"
     (tmp_path / "dir.jsonl").mkdir()
-    cases[str(tmp_path / "dir.jsonl")] = "the path is not a file"
+    cases[str(tmp_path / "dir.jsonl")] = "doesn't contain any data files"  # a data directory, empty
     (tmp_path / "d.txt").write_text("hello\n")
     cases[str(tmp_path / "d.txt")] = "unsupported extension '.txt'; use .json, .jsonl or .parquet"
     (tmp_path / "broken.json").write_text('[{"text": "a"},\n {"text": }]')
@@ -268,10 +287,11 @@ def test_file_and_source_errors_say_what_and_how_to_fix(tmp_path):
         assert needle in str(e.value) and str(e.value).startswith(f"{src} has 1 problem"), str(e.value)
         assert "To fix: " in str(e.value)
     for src, needle in (([], "the dataset is empty"), (datasets.Dataset.from_dict({"text": []}), "empty"),
-                        ([{"text": "a"}, "b"], "row 1: expected a mapping of fields"),
+                        ([{"text": "a"}, "b"], "row 2: expected a mapping of fields"),
                         ({"text": "a"}, "unsupported dataset type dict"),
-                        (datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": "a"}])}),
-                         "no 'train'")):
+                        (datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": "a"}]),
+                                               "dev": datasets.Dataset.from_list([{"text": "b"}])}),
+                         "has splits test, dev and none is named train")):
         with pytest.raises(DatasetError, match=needle):
             prepare(src)
 
@@ -323,17 +343,18 @@ def sft_setup(tiny_llama_dir):
     from rayquant.loading import load_for_training
     from rayquant.trainer import RayQuantTrainer
 
-    def build(dataset, steps: int = 2, learning_rate: float = 1e-2, model=None, tokenizer=None):
+    def build(dataset, steps: int = 2, learning_rate: float = 1e-2, model=None, tokenizer=None, packing=False):
         import dataclasses
         import tempfile
 
         from rayquant.contract import SftSettings
+        from rayquant.tokens import tokenize
         from rayquant.worker.sft import make_sft_trainer
 
         rq = RayQuantTrainer(model=str(tiny_llama_dir), dataset=dataset, lora={"rank": 8, "alpha": 16},
                              sft={"seq_len": 128, "global_batch_size": 8, "learning_rate": learning_rate,
                                   "max_steps": steps, "logging_steps": 1, "quantization": "nf4",
-                                  "optimizer": "adamw_8bit"},
+                                  "optimizer": "adamw_8bit", "packing": packing},
                              scaling={"num_workers": 1})
         plan = rq.plan()
         node = plan.node_plans[0]
@@ -342,9 +363,11 @@ def sft_setup(tiny_llama_dir):
         if model is None:
             model, tokenizer, _ = load_for_training(str(tiny_llama_dir), node, plan.job, device_map={"": "cpu"})
         data = rq.prepare_data()
+        # the rows as the driver tokenizes them (rayquant.tokens), what every worker trains on
+        tokens = tokenize(data, tokenizer, plan.job.seq_len, packing=packing)
         settings = SftSettings.from_options(rq.options.sft, max_steps=steps, seq_len=plan.job.seq_len,
                                             dataset_format=data.format)
-        trainer, _ = make_sft_trainer(model, tokenizer, data.dataset, node, settings, tempfile.mkdtemp())
+        trainer, _ = make_sft_trainer(model, tokenizer, tokens.dataset, node, settings, tempfile.mkdtemp())
         return trainer, data
 
     trainer, _ = build(CHAT)  # loads the model once for the label tests
@@ -371,7 +394,7 @@ def test_chat_loss_covers_assistant_tokens_only(sft_setup, tmp_path):
     build, model, tok = sft_setup
     rows = [json.loads(line) for line in open(CHAT)] + ROWS["messages"]
     trainer, data = build(_write_jsonl(tmp_path / "chat.jsonl", rows), model=model, tokenizer=tok)
-    assert data.format == "messages" and trainer.args.assistant_only_loss
+    assert data.format == "messages"
     start = tok.convert_tokens_to_ids("<|assistant|>")
     end = tok.eos_token_id  # the template closes every turn with <|end|>, inside {% generation %}
     seen = 0
@@ -455,9 +478,12 @@ def test_chat_training_in_process_lowers_the_masked_loss(sft_setup):
 
 
 def test_chat_template_check_predicts_what_trl_refuses(sft_setup):
-    """A template without {% generation %} that TRL cannot patch fails inside every worker's
-    SFTTrainer; chat_template_problem says so on the driver, before Ray starts."""
+    """A template without {% generation %} that TRL cannot patch is refused by TRL; the driver's
+    tokenization (what every worker trains on) refuses it with chat_template_problem's reason,
+    before Ray starts."""
     import copy
+
+    from trl.chat_template_utils import get_training_chat_template
 
     from rayquant.data import chat_template_problem, check_chat_template
 
@@ -468,6 +494,8 @@ def test_chat_template_check_predicts_what_trl_refuses(sft_setup):
     unmarked.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     assert "no {% generation %} markers" in chat_template_problem(unmarked)
     with pytest.raises(ValueError, match="not training-compatible"):
+        get_training_chat_template(unmarked)
+    with pytest.raises(DatasetError, match="no {% generation %} markers"):
         build(CHAT, model=model, tokenizer=unmarked)
     with pytest.raises(DatasetError, match="chat data for tiny has 1 problem") as e:
         check_chat_template(unmarked, "tiny")
@@ -475,3 +503,70 @@ def test_chat_template_check_predicts_what_trl_refuses(sft_setup):
     untemplated = copy.deepcopy(tok)
     untemplated.chat_template = None
     assert "has no chat template" in chat_template_problem(untemplated)
+
+
+def test_packed_rows_keep_their_masks_and_attend_only_to_themselves(sft_setup):
+    """sft.packing: rows packed on the driver reach the model as one padding-free row per micro-batch
+    (position_ids restart per sequence, no attention mask); each sequence keeps its completion-only
+    mask and its first token is not trained; and the model, as the worker loads it on CPU, keeps the
+    sequences apart: the packed loss is the sum of the sequences' own losses, unlike a plain causal
+    pass over the same tokens."""
+    import torch
+
+    build, model, tok = sft_setup
+    trainer, data = build("examples/data/tiny_alpaca.jsonl", model=model, tokenizer=tok, packing=True)
+    by_text = {r["prompt"] + r["completion"]: r for r in data.dataset}
+    batch = _batches(trainer)[0]
+    assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["input_ids"].shape[0] == 1
+    ids, labels, pos = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist()
+    assert len(starts) >= 3  # several rows share the micro-batch
+    segments = list(zip(starts, starts[1:] + [len(ids)]))
+    for s, e in segments:
+        seg_ids, trained = ids[s:e].tolist(), (labels[s:e] != -100).tolist()
+        assert not trained[0]  # no loss on a packed sequence's first token
+        n = trained.index(True)
+        assert all(trained[n:]) and not any(trained[:n])
+        row = by_text[tok.decode(seg_ids[:-1])]
+        assert tok.decode(seg_ids[:n]) == row["prompt"]
+        assert tok.decode(seg_ids[n:]) == row["completion"] + tok.eos_token
+
+    def loss_sum(**kw):
+        return float(model(**kw, num_items_in_batch=1, use_cache=False).loss)
+
+    model.eval()
+    with torch.no_grad():
+        packed = loss_sum(input_ids=ids[None], position_ids=pos[None], labels=labels[None])
+        alone = sum(loss_sum(input_ids=ids[None, s:e], labels=labels[None, s:e]) for s, e in segments)
+        mixed = loss_sum(input_ids=ids[None], labels=labels[None])  # one causal sequence: they mix
+    model.train()
+    assert packed == pytest.approx(alone, rel=2e-2)
+    assert abs(mixed - alone) > 5 * abs(packed - alone)
+
+
+def test_eval_loss_is_token_weighted_over_every_row(sft_setup):
+    """rayquant.worker.evaluation: the eval loss is the mean over every eval token (not a mean of
+    per-batch means), however the rows fall into batches."""
+    import torch
+    import torch.nn.functional as F
+
+    from rayquant.tokens import tokenize
+    from rayquant.worker.evaluation import Evaluation
+
+    build, model, tok = sft_setup
+    trainer, data = build(CHAT, model=model, tokenizer=tok)
+    rows = tokenize(data, tok, 128).dataset.select(range(7))
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for r in rows:
+            logits = model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits.float()
+            target = torch.tensor(r["labels"][1:])
+            total += float(F.cross_entropy(logits[0, :-1], target, ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+    model.train()
+    for batch_size in (1, 3, 7):
+        evaluation = Evaluation(rows, -(-7 // batch_size), batch_size, tok.pad_token_id)
+        loss, tokens = evaluation.loss(trainer)
+        assert tokens == count and loss == pytest.approx(total / count, rel=1e-3)
+        assert trainer.model.training  # left as it was

@@ -249,10 +249,13 @@ def test_a_4bit_base_trains_fp32_adapters_like_a_16bit_one(tiny_llama_dir):
     node, job = _plan(protected_budget_bytes=0, quantization="nf4")
     model, tok, _ = load_for_training(str(tiny_llama_dir), node, job, device_map={"": "cpu"})
     data = prepare("examples/data/tiny_alpaca.jsonl")
-    settings = SftSettings(max_steps=1, seq_len=64, dataset_format=data.format, learning_rate=1e-3,
+    settings = SftSettings(max_steps=1, seq_len=128, dataset_format=data.format, learning_rate=1e-3,
                            lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                            logging_steps=1, seed=0)
-    trainer, _ = make_sft_trainer(model, tok, data.dataset.select(range(2)), node, settings, tempfile.mkdtemp())
+    from rayquant.tokens import tokenize
+
+    rows = tokenize(data.select(range(2)), tok, 128).dataset  # what the driver hands every worker
+    trainer, _ = make_sft_trainer(model, tok, rows, node, settings, tempfile.mkdtemp())
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     assert trainable and {p.dtype for p in trainable} == {torch.float32}
     trainer.train()

@@ -26,6 +26,17 @@ PLAN_FLAGS = ["plan", "-m", MODEL, "--gpus", GPUS, "--lora-rank", "8", "--lora-t
               "--quantization", "nf4", "--json"]
 
 
+@pytest.fixture(autouse=True)
+def catalog_model_in_the_hub_cache(hub_cache, tiny_tokenizer_files):
+    """`train --dry-run` checks the model can be had (offline here): MODEL's config, a tokenizer and
+    weights in a Hub cache (the plan itself comes from the catalog)."""
+    from conftest import write_hub_repo
+
+    config = json.dumps({"model_type": "llama", "max_position_embeddings": 131072}).encode()
+    write_hub_repo(hub_cache, MODEL, {"config.json": config, "model.safetensors": b"not read by a dry run",
+                                      **tiny_tokenizer_files})
+
+
 def _invoke(*args: str):
     result = CliRunner().invoke(main, list(args))
     assert result.exit_code == 0, result.output

@@ -164,7 +164,7 @@ def test_ray_data_input_is_checked_on_the_driver(run):
 
     good = prepare(ray.data.from_items([{"text": "a b"}, {"text": "c d"}]))
     assert good.num_rows == 2 and good.format == "text"
-    with pytest.raises(DatasetError, match="row 1: field 'text'"):
+    with pytest.raises(DatasetError, match="row 2: field 'text'"):  # rows counted from 1
         prepare(ray.data.from_items([{"text": "a"}, {"text": ""}]))
 
 

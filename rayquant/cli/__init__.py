@@ -6,6 +6,7 @@
     cluster.py    inventory           (rayquant.inventory)
     k8s.py        k8s                 (rayquant.planning, rayquant.k8s)
     calibrate.py  calibrate           (rayquant.calibrate)
+    export.py     export              (rayquant.export)
     errors.py     exit codes and error messages for every command
 
 Every command imports its heavy modules inside its body, so `import rayquant.cli` loads neither torch,
@@ -17,7 +18,7 @@ from __future__ import annotations
 import click
 
 from rayquant import __version__
-from rayquant.cli import calibrate, catalog, cluster, k8s, planning, train
+from rayquant.cli import calibrate, catalog, cluster, export, k8s, planning, train
 from rayquant.cli.errors import VERBOSE_ENV, Group, set_verbose
 
 __all__ = ["main"]
@@ -37,6 +38,6 @@ def main(ctx: click.Context, verbose: bool) -> None:
         set_verbose(ctx)
 
 
-for _module in (planning, catalog, train, cluster, k8s, calibrate):
+for _module in (planning, catalog, train, export, cluster, k8s, calibrate):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -18,9 +18,11 @@ def _read_config(path: str) -> dict:
 
     from rayquant.k8s import K8sError
 
+    from rayquant import yamlio
+
     try:
         with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
+            config = yamlio.safe_load(f)
     except OSError as e:
         raise K8sError(f"cannot read --config {path}: {e.strerror}. To fix: pass the `rayquant "
                        "train` YAML config to run (examples/quickstart.yaml is one)") from None

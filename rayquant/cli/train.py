@@ -13,8 +13,10 @@ TRAIN_FLAGS = {"output": "-o", "overwrite": "--overwrite"}
 @click.command("train")
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True,
-              help="Check the config and every dataset row, print the plan and exit (loads no "
-                   "weights, starts no Ray).")
+              help="Check everything that can be checked before Ray starts (the config; every "
+                   "dataset row, tokenized with the model's tokenizer at sft.seq_len; the model, "
+                   "tokenizer and weights resolvable; the batch against the rows; host RAM), print "
+                   "the plan and exit (loads no weights, starts no Ray).")
 @click.option("-o", "--output", "output_dir", type=click.Path(file_okay=False), default=None,
               help="Directory for the adapter and manifest.json (default: "
                    "<run.storage_path>/<run.name>/adapter).")
@@ -38,7 +40,7 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
     import dataclasses
     import json
 
-    from rayquant.config import load_train_config
+    from rayquant.config import load_train_config, render_options
     from rayquant.report import plan_table
     from rayquant.trainer import RayQuantTrainer
 
@@ -48,20 +50,31 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
     run = dataclasses.replace(run, overwrite=True) if overwrite else run
     trainer = RayQuantTrainer(model=cfg.model, dataset=cfg.dataset, plan=cfg.plan, lora=cfg.lora,
                               sft=cfg.sft, scaling=cfg.scaling, run=run, address=address or cfg.address,
-                              calibration=cfg.calibration)
+                              calibration=cfg.calibration, dataset_split=cfg.dataset_split,
+                              dataset_subset=cfg.dataset_subset, eval_dataset=cfg.eval_dataset,
+                              eval_dataset_split=cfg.eval_dataset_split,
+                              eval_dataset_subset=cfg.eval_dataset_subset)
     if dry_run:
         if run.output_dir:
             from rayquant.adapters import check_adapter_output
 
             check_adapter_output(run.output_dir, run.overwrite)
-        data = trainer.prepare_data()
-        plan = trainer.plan()
+        checked = trainer.check()
+        spell = flags_then_yaml(TRAIN_FLAGS)
+        warnings = [render_options(w, spell) for w in checked.warnings]
         if as_json:
-            click.echo(json.dumps({"plan": plan.to_dict(), "dataset": {
-                "path": cfg.dataset, "rows": data.num_rows, "format": data.format}}, indent=2))
+            summary = checked.data_summary()
+            click.echo(json.dumps({"plan": checked.plan.to_dict(), "dataset": {
+                "path": cfg.dataset, "rows": checked.data.num_rows, "format": checked.data.format,
+                **summary}, "model": dataclasses.asdict(checked.model), "steps": checked.total_steps,
+                "report_to": list(checked.report_to), "warnings": warnings}, indent=2))
         else:
-            click.echo(plan_table(plan, flags_then_yaml(TRAIN_FLAGS)))
-            click.echo(f"\nDataset {cfg.dataset}: {data.num_rows} rows, format {data.format}, all rows OK.")
+            click.echo(plan_table(checked.plan, spell))
+            click.echo("")
+            for line in dry_run_lines(checked, cfg.dataset):
+                click.echo(line)
+            for w in warnings:
+                click.echo(f"Warning: {w}")
             click.echo("Dry run: nothing trained. Drop --dry-run to train.")
         return
     if not as_json:
@@ -79,6 +92,27 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
                    f"over {result.manifest['run']['steps']} steps; adapter sha256 "
                    f"{result.manifest['adapter_sha256'][:16]}")
         click.echo(f"Adapter: {result.adapter_dir}")
+
+
+def dry_run_lines(checked, dataset: str) -> list[str]:
+    """What `--dry-run` found, in words: the rows, what they tokenize to, evaluation, steps."""
+    tokens, data = checked.tokens, checked.data
+    left = len(tokens.dropped)
+    lines = [f"Dataset {dataset}: {data.num_rows} rows, format {data.format}, "
+             + ("all rows OK." if not left else f"{left} of them train nothing (see the warning below).")]
+    lines.append(f"Tokenized with {checked.model.model}'s tokenizer at sft.seq_len {tokens.seq_len}: "
+                 f"{tokens.rows - left} rows train, {len(tokens.truncated)} cut at sft.seq_len, "
+                 f"{tokens.trainable_tokens:,} trainable tokens of {tokens.tokens:,}"
+                 + (f"; packed into {tokens.num_rows} rows" if tokens.packed else "") + ".")
+    if checked.eval_tokens is not None:
+        e = checked.eval_tokens
+        lines.append(f"Evaluation: {checked.eval_data.num_rows} rows of {checked.eval_data.source}, "
+                     f"{e.trainable_tokens:,} tokens scored.")
+    lines.append(f"Model {checked.model.model}: weights {checked.model.weights}"
+                 + (f"; context {checked.model.context_length} tokens" if checked.model.context_length else "")
+                 + f". {checked.total_steps} steps of {checked.plan.global_batch_size} "
+                 + ("packed rows." if tokens.packed else "rows."))
+    return lines
 
 
 COMMANDS = (train_command,)

@@ -63,20 +63,36 @@ def _embedded_dataset(train_config: Mapping[str, Any], config_dir: str,
     if not isinstance(given, str) or not given:
         raise K8sError("the training config has no `dataset`. To fix: add `dataset: PATH` (a "
                        "JSON/JSONL/Parquet file), or pass --dataset-in-pod PATH")
-    path = os.path.expanduser(given)
-    path = path if os.path.isabs(path) else os.path.join(config_dir, path)
+    return _shipped_data(given, "dataset", config_dir)
+
+
+def _shipped_data(given: str, key: str, config_dir: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(the `key` data as the pods name it, ConfigMap data, binaryData): a Hub dataset id travels
+    as it is (the pods load it from the Hub, with HF_TOKEN from --hf-token-secret); a small local
+    file travels in the ConfigMap under `key`."""
+    from rayquant.config import resolve_reference
+
+    path = resolve_reference(given, config_dir)
+    if path == given and not given.startswith(("/", ".", "~")) and not os.path.exists(path):
+        return given, {}, {}  # a Hub dataset id (rayquant.models.looks_like_hub_id)
+    in_pod = ("pass --dataset-in-pod /path/in/the/pods" if key == "dataset"
+              else f"point `{key}:` at its path in the pods")
+    if os.path.isdir(path):
+        raise K8sError(f"{key} {path} is a directory, which cannot travel in a ConfigMap. To fix: copy it "
+                       f"to the shared storage (e.g. {STORAGE_MOUNT_DIR}/data/) and point `{key}:` there"
+                       + (" (or pass --dataset-in-pod)" if key == "dataset" else ""))
     if not os.path.isfile(path):
-        raise K8sError(f"dataset {path} does not exist here, so it cannot be shipped to the pods. "
-                       "To fix: fix `dataset:` in the config, or, if the file is already on the "
-                       "shared storage or in the image, pass --dataset-in-pod /path/in/the/pods")
+        raise K8sError(f"{key} {path} does not exist here, so it cannot be shipped to the pods. "
+                       f"To fix: fix `{key}:` in the config, or, if the file is already on the "
+                       f"shared storage or in the image, {in_pod}")
     size = os.path.getsize(path)
     if size > DATASET_EMBED_LIMIT_BYTES:
-        raise K8sError(f"dataset {path} is {size / 2**20:.1f} MiB, too big for a ConfigMap (at most "
+        raise K8sError(f"{key} {path} is {size / 2**20:.1f} MiB, too big for a ConfigMap (at most "
                        f"{DATASET_EMBED_LIMIT_BYTES // 1024} KiB travel with the manifest). To fix: "
                        f"copy it to the shared storage (e.g. {STORAGE_MOUNT_DIR}/data/) or into the "
-                       "image and pass --dataset-in-pod /path/in/the/pods")
+                       f"image and {in_pod}")
     ext = os.path.splitext(path)[1].lower()
-    key = "dataset" + (ext if re.match(r"^\.[a-z0-9]+$", ext) else "")
+    key = key + (ext if re.match(r"^\.[a-z0-9]+$", ext) else "")
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -86,7 +102,7 @@ def _embedded_dataset(train_config: Mapping[str, Any], config_dir: str,
 
 
 def mounted_config(train_config: Mapping[str, Any], plan: TrainingPlan, options: K8sOptions,
-                   dataset_path: str) -> dict[str, Any]:
+                   dataset_path: str, eval_dataset_path: str | None = None) -> dict[str, Any]:
     """The `rayquant train` config as the pods see it (schema: rayquant/config.py).
 
     The plan is the mounted plan JSON (made with the config's `calibration:`, which the pods do not
@@ -101,6 +117,8 @@ def mounted_config(train_config: Mapping[str, Any], plan: TrainingPlan, options:
                        "fix: drop --model or make it match the config's `model`")
     config["model"] = plan.model
     config["dataset"] = dataset_path
+    if eval_dataset_path is not None:
+        config["eval_dataset"] = eval_dataset_path
     config["plan"] = f"{CONFIG_MOUNT_DIR}/{PLAN_FILE}"
     config["address"] = None
     scaling = dict(config.get("scaling") or {})
@@ -200,10 +218,14 @@ def render_manifests(plan: TrainingPlan, train_config: Mapping[str, Any], option
         raise K8sError(f"scaling.cpus_per_worker must be an integer >= 1, got {cpus!r}")
     storage = Storage.parse(options.storage)
     dataset_path, data, binary = _embedded_dataset(train_config, config_dir, options.dataset_in_pod)
+    eval_path = None
+    if isinstance(train_config.get("eval_dataset"), str) and train_config["eval_dataset"]:
+        eval_path, eval_data, eval_binary = _shipped_data(train_config["eval_dataset"], "eval_dataset", config_dir)
+        data, binary = {**data, **eval_data}, {**binary, **eval_binary}
     config_name = f"{options.name}-config"
     plan_json = plan.to_json()
     data = {TRAIN_CONFIG_FILE: _yaml().safe_dump(mounted_config(train_config, plan, options,
-                                                                dataset_path), sort_keys=False),
+                                                                dataset_path, eval_path), sort_keys=False),
             PLAN_FILE: plan_json, **data}
     size = sum(len(v.encode()) for v in data.values()) + sum(len(v) for v in binary.values())
     if size > CONFIGMAP_LIMIT_BYTES:

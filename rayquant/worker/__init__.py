@@ -54,9 +54,10 @@ def import_unsloth_first() -> None:
         import unsloth  # noqa: F401
 
 
-def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str) -> None:
+def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str, eval_ref=None) -> None:
     """Train this rank as `config` says on its shard of the dataset behind `dataset_ref` (a Ray
-    object reference), loading the base from `model_path` (this node's copy of config.model)."""
+    object reference to tokenized rows, rayquant.tokens), loading the base from `model_path` (this
+    node's copy of config.model); with `eval_ref`, evaluate on its slice of those eval rows."""
     import logging
 
     plan = config.plan
@@ -74,6 +75,7 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str) ->
     from rayquant.worker.callbacks import ray_report
     from rayquant.worker.checkpoint import restored
     from rayquant.worker.device import check_device, device_map_for, peak_memory_bytes
+    from rayquant.worker.evaluation import Evaluation, eval_batches, eval_slice, save_adapter
     from rayquant.worker.sft import make_sft_trainer, sft_args
 
     # Ray Train logs every report at INFO on every rank, which drowns the driver's progress lines.
@@ -90,6 +92,16 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str) ->
     check_worker_placement(config.label_selectors, rank)  # before any weights load
     device = check_device(node_plan, rank)
     settings = config.sft
+    if settings.report_to:  # an integration whose package this image lacks is skipped, said once
+        import dataclasses
+
+        from rayquant.tracking import available
+
+        usable, skipped = available(settings.report_to)
+        if rank == 0:
+            for message in skipped:
+                print(f"[rayquant] {message}", flush=True)
+        settings = dataclasses.replace(settings, report_to=usable)
     torch.manual_seed(settings.seed)
     work = tempfile.mkdtemp(prefix=f"rayquant-rank{rank}-")
     zero3 = node_plan.placement == "zero3"
@@ -117,10 +129,31 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str) ->
     per_rank = [plan.for_rank(r)[1].samples_per_step for r in range(world)]
     shard = data.select(shard_indices(len(data), per_rank, rank))
 
+    evaluation = None
+    if settings.evaluate:
+        eval_rows = ray.get(eval_ref)
+        start, stop = eval_slice(len(eval_rows), world, rank)
+        micro = [plan.for_rank(r)[1].micro_batch_size for r in range(world)]
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        evaluation = Evaluation(eval_rows.select(range(start, stop)),
+                                eval_batches(len(eval_rows), micro, rank, same_count=zero3),
+                                node_plan.micro_batch_size, tokenizer.pad_token_id,
+                                keep_best=settings.keep_best, best_dir=Path(work) / "best", zero3=zero3,
+                                spare_row=eval_rows[0])
+
     report = ray_report(rank, node_plan, settings.max_steps, world, plan.global_batch_size)
+    extra = []
+    if settings.report_to:
+        from rayquant.tracking import run_params_callback
+
+        extra.append(run_params_callback(plan.to_dict(), config.run_config))
     trainer, optimizer_used = make_sft_trainer(model, tokenizer, shard, node_plan, settings,
                                                os.path.join(work, "hf"),
-                                               [report, *fault_injection.callbacks(rank)], args=args)
+                                               [report, *extra, *fault_injection.callbacks(rank)], args=args,
+                                               evaluation=evaluation)
+    for callback in extra:
+        callback.handler = trainer.callback_handler
     checkpoint = ray.train.get_checkpoint()
     resumed_from = None
     t0 = time.perf_counter()
@@ -135,14 +168,16 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str) ->
 
     final_root = Path(work) / "result"
     final = final_root / "final" / f"rank_{rank}"
-    if zero3:
-        from rayquant.zero import gathered_trainable_state_dict
+    adapter_step = trainer.state.global_step
+    if evaluation is not None and evaluation.best is not None:  # keep_best: the best eval's adapter
+        import shutil
 
-        # Each rank holds a shard of every LoRA matrix: gather them so every rank saves the whole
-        # adapter and the driver's hash check compares full adapters.
-        trainer.model.save_pretrained(str(final), state_dict=gathered_trainable_state_dict(trainer.model))
+        shutil.copytree(evaluation.best_dir, final)
+        adapter_step = evaluation.best[0]
     else:
-        trainer.model.save_pretrained(str(final))
+        # ZeRO-3: each rank holds a shard of every LoRA matrix; save_adapter gathers them so every
+        # rank saves the whole adapter and the driver's hash check compares full adapters.
+        save_adapter(trainer, final, zero3)
     peak, peak_source = peak_memory_bytes()
     stats = WorkerStats(
         rank=rank, node_type=assignment.node_type, hostname=os.uname().nodename,
@@ -162,7 +197,10 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str) ->
         predicted_peak_memory_bytes=node_plan.peak_memory_bytes,
         train_s=train_s, tokens_per_s=report.tokens / train_s if train_s > 0 else 0.0,
         predicted_tokens_per_s=node_plan.tokens_per_second,
-        losses=tuple(report.losses), adapter_sha256=adapter_sha256(final))
+        losses=tuple(report.losses), adapter_sha256=adapter_sha256(final),
+        eval_losses=tuple(evaluation.curve) if evaluation is not None else (),
+        eval_tokens=evaluation.tokens if evaluation is not None else 0,
+        adapter_step=adapter_step, stopped=trainer.rayquant_guard.stopped)
     (final / WORKER_STATS_FILE).write_text(stats.to_json())
     from ray.train import Checkpoint
 

@@ -1,6 +1,14 @@
 """TRL's SFTTrainer as every rank builds it: the plan's settings, the plan's optimizer, this rank's
 shard read in order, and losses and metrics that stay correct when ranks take different numbers of
-micro-steps (see the package docstring for why each piece is needed)."""
+micro-steps (see the package docstring for why each piece is needed).
+
+The rows arrive tokenized (rayquant.tokens, on the driver): input_ids and labels, cut at seq_len,
+and with packing, packed rows with their sequence lengths. TRL's own preparation is skipped
+(`skip_prepare_dataset`), so every rank trains on exactly the rows the driver checked; packed
+batches are collated padding-free (TRL's collator: position_ids restart at each sequence, no
+attention mask, no loss on a sequence's first token), which transformers' attention turns into a
+block-diagonal mask, so packed sequences never attend to each other. Evaluation is
+rayquant.worker.evaluation's (token-weighted over all ranks, one collective)."""
 
 from __future__ import annotations
 
@@ -44,16 +52,36 @@ def sharded_trainer_class(base, model_loss: bool = False):
                 shard.num_processes, shard.process_index = 1, 0
             return loader
 
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            evaluation = self.rayquant_evaluation
+            loss, tokens = evaluation.loss(self)
+            metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_tokens": tokens}
+            was_training = self.model.training
+            self.model.eval()  # TRL's log files these as eval metrics only in eval mode
+            try:
+                self.log(dict(metrics))
+            finally:
+                self.model.train(was_training)
+            evaluation.after(self, self.state.global_step, loss, tokens)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
             # TRL/Unsloth gather metrics across ranks inside every micro-step; with unequal
             # accumulation those collectives would pair up wrongly, so keep them rank-local.
             self.accelerator.gather_for_metrics = _local_gather
             try:
                 if model_loss:
-                    if model.training and "attention_mask" in inputs:  # TRL's num_tokens metric, rank-local
-                        self._total_train_tokens += int(inputs["attention_mask"].sum())
+                    if model.training:  # TRL's num_tokens metric, rank-local
+                        # padded batches: the mask's ones; padding-free (packed) ones: every position
+                        mask = inputs.get("attention_mask")
+                        self._total_train_tokens += int(mask.sum() if mask is not None
+                                                        else inputs["input_ids"].numel())
                         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
-                    return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                    # No KV cache: transformers finds packed sequences in position_ids only without
+                    # one (masking_utils), and a training forward needs none.
+                    return Trainer.compute_loss(self, model, dict(inputs, use_cache=False),
+                                                return_outputs=return_outputs,
                                                 num_items_in_batch=num_items_in_batch)
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch, **kwargs)
@@ -77,15 +105,19 @@ def sft_args(settings: SftSettings, node_plan: NodePlan, out_dir: str):
         zero3 = {"deepspeed": zero3_config(node_plan), "use_cpu": node_plan.gpu == CPU_DEVICE}
     return SFTConfig(**zero3,
         output_dir=out_dir, per_device_train_batch_size=node_plan.micro_batch_size,
+        per_device_eval_batch_size=node_plan.micro_batch_size,
         gradient_accumulation_steps=node_plan.gradient_accumulation_steps,
         max_steps=settings.max_steps, learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler, warmup_steps=settings.warmup_steps,
         weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
         logging_steps=settings.logging_steps, seed=settings.seed, data_seed=settings.seed,
         save_strategy="steps" if every else "no", save_steps=every or 500, save_total_limit=1,
-        report_to=[], max_length=settings.seq_len, packing=False,
+        eval_strategy="steps" if settings.eval_steps else "no", eval_steps=settings.eval_steps,
+        prediction_loss_only=True,
+        report_to=list(settings.report_to), run_name=settings.run_name,
+        # Tokenized (and packed) on the driver: TRL prepares nothing, packs nothing.
+        dataset_kwargs={"skip_prepare_dataset": True}, max_length=settings.seq_len, packing=False,
         bf16=node_plan.compute_dtype == "bfloat16", fp16=node_plan.compute_dtype == "float16",
-        dataset_text_field="text", assistant_only_loss=settings.dataset_format == "messages",
         average_tokens_across_devices=True, include_num_input_tokens_seen="no",
         ddp_find_unused_parameters=False, ddp_broadcast_buffers=False,
         dataloader_num_workers=0, disable_tqdm=True, log_level="warning",
@@ -93,22 +125,37 @@ def sft_args(settings: SftSettings, node_plan: NodePlan, out_dir: str):
 
 
 def make_sft_trainer(model, tokenizer, train_dataset, node_plan: NodePlan, settings: SftSettings,
-                     out_dir: str, callbacks=(), args=None):
-    """TRL's SFTTrainer over this rank's shard with the plan's settings and optimizer; returns
-    (trainer, name of the optimizer class that runs). Also what the benchmark's direct run uses.
-    `args`: the SFTConfig when already built (ZeRO-3 builds it before loading), else built here."""
+                     out_dir: str, callbacks=(), args=None, evaluation=None):
+    """TRL's SFTTrainer over this rank's shard of tokenized rows (rayquant.tokens) with the plan's
+    settings and optimizer; returns (trainer, name of the optimizer class that runs). Also what the
+    benchmark's direct run uses. `args`: the SFTConfig when already built (ZeRO-3 builds it before
+    loading), else built here. `evaluation`: this rank's rayquant.worker.evaluation.Evaluation
+    when the run evaluates; the trainer's `rayquant_guard.stopped` says why training stopped early."""
     import torch
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from rayquant.worker.evaluation import evaluation_callbacks
 
     model_loss = node_plan.backend == "hf" and not torch.cuda.is_available()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, optimizer_used = build_optimizer(node_plan.optimizer, params, settings.learning_rate,
                                                 settings.weight_decay)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Given explicitly: Unsloth's CPU defaults turn SFTConfig's padding_free off (its CPU attention
+    # would mix packed sequences; transformers' SDPA mask keeps them apart when there is no KV cache,
+    # and TRL's and Unsloth's loss both run the forward without one).
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=settings.packing)
+    guard, guards = evaluation_callbacks(evaluation, settings.eval_steps, settings.max_steps)
     trainer = sharded_trainer_class(SFTTrainer, model_loss=model_loss)(
         model=model, processing_class=tokenizer, train_dataset=train_dataset,
+        eval_dataset=evaluation.rows if evaluation is not None else None,
         args=args if args is not None else sft_args(settings, node_plan, out_dir),
-        optimizers=(optimizer, None), callbacks=list(callbacks))
+        data_collator=collator, optimizers=(optimizer, None), callbacks=[*callbacks, *guards])
+    trainer.rayquant_evaluation = evaluation
+    trainer.rayquant_guard = guard
     trainer.remove_callback(PrinterCallback)  # the driver prints progress lines instead
     if node_plan.placement != "zero3":
         keep_adapters_fp32(params)
