@@ -102,8 +102,12 @@ def sft_args(settings: SftSettings, node_plan: NodePlan, out_dir: str):
         from rayquant.zero import zero3_config
 
         # DeepSpeed's engine replaces DDP; on CPU plans it runs on its CPU accelerator over gloo.
-        zero3 = {"deepspeed": zero3_config(node_plan), "use_cpu": node_plan.gpu == CPU_DEVICE}
+        zero3 = {"deepspeed": zero3_config(node_plan)}
     return SFTConfig(**zero3,
+        # CPU plans: without use_cpu accelerate finds no device backend and trains each rank alone
+        # (DistributedType.NO: no DDP, no all-reduce, no token count across ranks), although the
+        # process group is up. Unsloth's CPU trainer sets it itself; the hf backend needs it here.
+        use_cpu=node_plan.gpu == CPU_DEVICE,
         output_dir=out_dir, per_device_train_batch_size=node_plan.micro_batch_size,
         per_device_eval_batch_size=node_plan.micro_batch_size,
         gradient_accumulation_steps=node_plan.gradient_accumulation_steps,

@@ -1,0 +1,106 @@
+"""TrainerCallbacks the fault and exactness tests hand to the workers' SFTTrainer: they observe
+training (the rows each forward sees, step 1's gradients) or end a worker process for real.
+
+They travel to Ray Train workers pickled by value (see `by_value`), so the workers need not import
+this module from the tests folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+def by_value() -> None:
+    """Pickle this module's classes by value (cloudpickle, as Ray sends a train loop's config)."""
+    import sys
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+class RowLog(TrainerCallback):
+    """Append, for every training forward, the step it belongs to and its rows' token ids (padding
+    taken off by the attention mask) to `<folder>/rows-rank<r>.jsonl`, one line per micro-batch,
+    flushed at once (a process killed next loses nothing it trained). Each process tags its lines
+    with its pid, so the attempts of a restarted run can be told apart.
+
+    A forward pre-hook sees what is trained, not what the data loader prefetched."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.step = 0
+        self.handle = None
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.step = state.global_step
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        path = Path(self.folder) / f"rows-rank{_rank()}.jsonl"
+
+        def hook(module, args_, kwargs):
+            if not module.training:
+                return
+            ids = kwargs.get("input_ids", args_[0] if args_ else None)
+            mask = kwargs.get("attention_mask")
+            rows = [[int(t) for t, keep in zip(r.tolist(), (m.tolist() if mask is not None else [1] * len(r)))
+                     if keep] for r, m in zip(ids, mask if mask is not None else ids)]
+            with open(path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "step": self.step + 1, "rows": rows}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+        self.handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        self.step = state.global_step
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+class KillOnce(TrainerCallback):
+    """SIGKILL this process at the end of optimizer step `step` on rank `rank`, once per run: the
+    marker file says it happened, so the restarted worker trains on."""
+
+    def __init__(self, step: int, rank: int, marker: str) -> None:
+        self.at, self.rank, self.marker = step, rank, marker
+
+    def on_step_end(self, args, state, control, **kw):
+        marker = Path(self.marker)
+        if state.global_step == self.at and _rank() == self.rank and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"rank": self.rank, "step": state.global_step, "pid": os.getpid(),
+                                          "time": time.time()}))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StepOneGradients(TrainerCallback):
+    """The trainable parameters' gradients at step 1's optimizer step (after DDP's all-reduce,
+    before the optimizer), by parameter name without DDP's `module.` prefix."""
+
+    grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        if self.grads is None:
+            self.grads = {n.replace("module.", "", 1): p.grad.detach().clone()
+                          for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trained_rows(folder, rank: int) -> list[tuple[int, int, list[list[int]]]]:
+    """(attempt number from 0, step, rows) for each micro-batch `rank` trained, in order."""
+    lines = [json.loads(x) for x in (Path(folder) / f"rows-rank{rank}.jsonl").read_text().splitlines()]
+    pids = list(dict.fromkeys(x["pid"] for x in lines))
+    return [(pids.index(x["pid"]), x["step"], x["rows"]) for x in lines]
