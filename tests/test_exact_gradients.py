@@ -37,14 +37,14 @@ GLOBAL_BATCH = sum(m * a for m, a in SHAPES)
 RTOL = 1e-5  # measured: 1.1e-7 (token-weighted DDP); the plain average is off by 0.30
 
 
-def fp32_plan() -> TrainingPlan:
+def fp32_plan(backend: str = "hf") -> TrainingPlan:
     job = JobSpec(seq_len=SEQ_LEN, global_batch_size=GLOBAL_BATCH, lora_rank=4, lora_alpha=8,
-                  quantization="bf16", optimizer="adamw_torch", backend="hf")
+                  quantization="bf16", optimizer="adamw_torch", backend=backend)
     nodes = tuple(
         NodePlan(node_type=f"CPU:{k}", gpu="CPU", nodes=1, gpus_per_node=1, quantization="bf16",
                  compute_dtype="float32", micro_batch_size=m, gradient_accumulation_steps=a,
                  optimizer="adamw_torch", gradient_checkpointing="none", placement="per-gpu",
-                 backend="hf", workers_per_node=1, gpus_per_worker=1, peak_memory_bytes=2**30,
+                 backend=backend, workers_per_node=1, gpus_per_worker=1, peak_memory_bytes=2**30,
                  memory_budget_bytes=4 * 2**30, breakdown=MemoryBreakdown(1, 1, 1, 1, 1, 1, 1),
                  tokens_per_second=1.0, reasons={"test": "hand-built heterogeneous fp32 plan"})
         for k, (m, a) in enumerate(SHAPES))
@@ -53,13 +53,14 @@ def fp32_plan() -> TrainingPlan:
 
 
 def perturb_lora_b(model) -> None:
-    """LoRA's B starts at zero, which makes every A gradient zero at step 1; give B seeded values
-    (the same on every rank and in the reference) so both A and B gradients are compared."""
+    """LoRA's B starts at zero, which makes every A gradient zero at step 1: give A and B seeded
+    values, the same on every rank and in the reference whichever library built the adapters, so
+    both A and B gradients are compared."""
     import torch
 
     gen = torch.Generator().manual_seed(1234)
     for name, p in sorted(model.named_parameters()):
-        if "lora_B" in name:
+        if "lora_A" in name or "lora_B" in name:
             p.data.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
@@ -67,6 +68,8 @@ def perturb_lora_b(model) -> None:
 # and the rows of each micro-batch, for the token-weighted run and the plain-average control.
 _RANK = textwrap.dedent("""
     import json, os, sys
+    if sys.argv[5] == "unsloth":
+        import unsloth  # before transformers, as the worker does
     import torch
     from datasets import Dataset
     from planner.plan import TrainingPlan
@@ -168,15 +171,15 @@ def _relative_error(got, want) -> float:
     return float(num / den)
 
 
-@pytest.fixture(scope="module")
-def ddp_step(tiny_llama_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["hf", "unsloth"])
+def ddp_step(request, tiny_llama_dir, tmp_path_factory):
     import torch
 
     tmp = tmp_path_factory.mktemp("exact")
     unique_rows(tmp / "data.jsonl")
     rows = _tokenized_rows(tiny_llama_dir, tmp / "data.jsonl")
     (tmp / "rows.json").write_text(json.dumps(rows.to_list()))
-    (tmp / "plan.json").write_text(fp32_plan().to_json())
+    (tmp / "plan.json").write_text(fp32_plan(request.param).to_json())
     script = tmp / "rank.py"
     script.write_text(_RANK)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,7 +188,7 @@ def ddp_step(tiny_llama_dir, tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
          str(_free_port()), str(script), str(tiny_llama_dir), str(tmp / "rows.json"), str(tmp / "plan.json"),
-         str(tmp / "out")], env=env, cwd=root, capture_output=True, text=True)
+         str(tmp / "out"), request.param], env=env, cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from tests.train_callbacks import trained_rows
 
