@@ -39,7 +39,7 @@ SETTINGS = (
     "model", "gpus", "seq_len", "global_batch_size", "micro_batch_size", "lora_rank", "lora_alpha",
     "lora_dropout", "lora_targets", "full_finetune", "quantization", "double_quant", "optimizer",
     "gradient_checkpointing", "prefer", "backend", "safety_margin", "calibration", "overwrite",
-    "output",
+    "output", "resume_anyway",
 )
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(SETTINGS) + r")\}")
 

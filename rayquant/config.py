@@ -66,6 +66,7 @@ Numbers may be written in scientific notation (`learning_rate: 2e-4`): rayquant.
       checkpoint_every_steps: null    # null: only at the end
       keep_checkpoints: 2
       max_failures: 0
+      resume_anyway: false            # resume this run.name under safe changes (max_steps up)
       report_to: []                   # any of tensorboard, mlflow, wandb (rank 0 logs)
 """
 
@@ -99,6 +100,7 @@ SETTING_OPTIONS = {
     "prefer": "sft.prefer", "backend": "sft.backend",
     "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
     "lora_targets": "lora.targets", "output": "run.output_dir", "overwrite": "run.overwrite",
+    "resume_anyway": "run.resume_anyway",
 }
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)\}")
 
@@ -306,6 +308,9 @@ class RunOptions:
     checkpoint_every_steps: int | None = None  # None: only at the end
     keep_checkpoints: int = 2
     max_failures: int = 0
+    # Resume an unfinished run of this name under changes that keep its trained steps valid
+    # (max_steps going up, ...; rayquant.identity); any other change is refused.
+    resume_anyway: bool = False
     # Tracking through transformers' integrations, from rank 0 only: any of REPORT_TO.
     report_to: tuple[str, ...] = ()
 
@@ -327,6 +332,8 @@ class RunOptions:
             p.append(f"{{run.output_dir}} must be a directory path, got {self.output_dir!r}")
         if not isinstance(self.overwrite, bool):
             p.append(f"{{run.overwrite}} must be true or false, got {self.overwrite!r}")
+        if not isinstance(self.resume_anyway, bool):
+            p.append(f"{{run.resume_anyway}} must be true or false, got {self.resume_anyway!r}")
         _int_at_least(p, "run.checkpoint_every_steps", self.checkpoint_every_steps, 1, allow_none=True)
         _int_at_least(p, "run.keep_checkpoints", self.keep_checkpoints, 1)
         _int_at_least(p, "run.max_failures", self.max_failures, 0)
