@@ -184,7 +184,7 @@ def check_resume(run_dir: Path, name: str, identity: Mapping[str, Any], resume_a
         unsafe = [c for c in changes if not is_safe(*c, step)]
         if changes and (unsafe or not resume_anyway):
             lines = "\n".join(f"  - {_spelled(f)}: {_shown(a)} -> {_shown(b)}"
-                              + ("" if is_safe(f, a, b, step) else "  (changes what was trained)")
+                              + ("" if is_safe(f, a, b, step) else "  (changes the training: not resumable)")
                               for f, a, b in changes)
             fix = "choose another {run.name} to start a new run, or put the settings back as they were to resume this one"
             if not unsafe:

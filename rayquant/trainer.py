@@ -217,6 +217,14 @@ class RayQuantTrainer:
         from rayquant.adapters import check_adapter_output
 
         check_adapter_output(dest, run.overwrite)  # refuse a user's folder now, not after training
+        from rayquant.identity import check_resume, run_identity
+
+        # What this run trains, written into its run dir; an unfinished run of this name resumes
+        # only under the same identity (or safe changes with run.resume_anyway).
+        identity = run_identity(model=self.model, plan=plan, sft=self.options.sft, total_steps=total_steps,
+                                data_format=checked.data.format, train_rows=checked.tokens.dataset,
+                                eval_rows=checked.eval_tokens.dataset if checked.eval_tokens is not None else None)
+        resumed_changes = check_resume(run_dir, name, identity, run.resume_anyway)
 
         import ray
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -228,7 +236,7 @@ class RayQuantTrainer:
 
         if tiny_arch(self.model):
             resolve_model(self.model)  # build tiny models once here, not in every worker
-        connect(self._ray_address())
+        started_ray = connect(self._ray_address())
         scaling_kwargs = self._scaling_kwargs(plan)
         # The workers' environment, set by Ray when it starts their processes (worker_runtime_env).
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
@@ -269,7 +277,17 @@ class RayQuantTrainer:
                 worker_runtime_env={"env_vars": env,
                                     "worker_process_setup_hook": "rayquant.worker.import_unsloth_first"}))
         t0 = time.perf_counter()
-        result = trainer.fit()
+        sigint = _sigint_handler()  # Ray Train's fit() installs its own and leaves it installed
+        try:
+            result = trainer.fit()
+        except (KeyboardInterrupt, SystemExit):
+            # Ctrl-C: Ray Train's SIGINT handler aborts the workers and the controller, then ends
+            # with sys.exit(0) (a Ctrl-C before it is installed: KeyboardInterrupt). Say where the
+            # run stopped, shut down the Ray this call started, and raise RunInterrupted.
+            _set_sigint(sigint)
+            raise _interrupted(name, run_dir, bool(run.name), started_ray) from None
+        finally:
+            _set_sigint(sigint)
         wall_s = time.perf_counter() - t0
         if result.checkpoint is None:
             raise RuntimeError(f"the run {name} ended without the final adapters; see {run_dir}")
@@ -280,6 +298,7 @@ class RayQuantTrainer:
                 "run": {"name": name, "storage_path": str(run_dir), "steps": total_steps,
                         "fit_wall_s": wall_s, "dataset_rows": data.num_rows, "dataset_format": data.format,
                         "ray_address": self._ray_address() or "local",
+                        "resumed_with_changes": resumed_changes,
                         "report_to": list(checked.report_to)},
                 "sft": asdict(self.options.sft), "data": checked.data_summary()})
             adapter_dir = write_adapter_dir(gathered.adapter_dir, manifest, dest, overwrite=run.overwrite)
@@ -346,6 +365,55 @@ def _pickle_user_code_by_value(callbacks) -> None:
             continue  # __main__ already travels by value
         if not any(str(Path(where).resolve()).startswith(p) for p in installed):
             cloudpickle.register_pickle_by_value(module)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """fit() was interrupted (Ctrl-C): the run stopped at its last checkpoint and resumes when
+    started again with the same run.name. `str()` is the one line to show; `template` names
+    settings as {placeholders} for a face to spell (render)."""
+
+    def __init__(self, template: str, run_name: str, run_dir: Path, checkpoint_step: int | None) -> None:
+        self.template, self.run_name, self.run_dir, self.checkpoint_step = template, run_name, run_dir, checkpoint_step
+        super().__init__(self.render(python_spelling))
+
+    def render(self, spell=None) -> str:
+        return render_options(self.template, spell)
+
+
+def _interrupted(name: str, run_dir: Path, named: bool, started_ray: bool) -> RunInterrupted:
+    import signal
+
+    import ray
+
+    from rayquant.identity import last_checkpoint_step
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # one more Ctrl-C must not cut the shutdown short
+    try:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    step = last_checkpoint_step(run_dir)
+    where = (f"its last checkpoint is step {step}" if step is not None
+             else "no checkpoint was written yet (it restarts from step 0)")
+    again = ("run the same command again (same {run.name})" if named
+             else f"run it again with {{run.name}} set to {name}")
+    return RunInterrupted(f"interrupted: run {name} stopped; {where}, in {run_dir}. To resume it, {again}.",
+                          name, run_dir, step)
+
+
+def _sigint_handler():
+    import signal
+    import threading
+
+    return signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+
+
+def _set_sigint(handler) -> None:
+    import signal
+
+    if handler is not None:
+        signal.signal(signal.SIGINT, handler)
 
 
 def check_trained(gathered, run_dir: Path | str = "") -> None:

@@ -1,8 +1,8 @@
 """TrainerCallbacks the fault and exactness tests hand to the workers' SFTTrainer: they observe
 training (the rows each forward sees, step 1's gradients) or end a worker process for real.
 
-They travel to Ray Train workers pickled by value (see `by_value`), so the workers need not import
-this module from the tests folder.
+RayQuantTrainer(callbacks=...) sends them to Ray Train workers pickled by value (they live in the
+tests folder, which the workers do not import).
 """
 
 from __future__ import annotations
@@ -14,15 +14,6 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
-
-
-def by_value() -> None:
-    """Pickle this module's classes by value (cloudpickle, as Ray sends a train loop's config)."""
-    import sys
-
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _rank() -> int:

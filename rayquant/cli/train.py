@@ -7,7 +7,8 @@ import click
 from rayquant.cli.errors import flags_then_yaml, spell_with, where_to_look
 
 # The settings `rayquant train` takes as flags; every other setting is spelled as its YAML key.
-TRAIN_FLAGS = {"output": "-o", "overwrite": "--overwrite"}
+TRAIN_FLAGS = {"output": "-o", "overwrite": "--overwrite", "resume_anyway": "--resume-anyway"}
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 
 @click.command("train")
@@ -23,12 +24,16 @@ TRAIN_FLAGS = {"output": "-o", "overwrite": "--overwrite"}
 @click.option("--overwrite", is_flag=True,
               help="Replace the output directory if it holds a previous rayquant adapter (a folder "
                    "rayquant did not write is never replaced).")
+@click.option("--resume-anyway", is_flag=True,
+              help="Resume an unfinished run of this run.name although its settings changed in a way "
+                   "that keeps the trained steps valid (max_steps going up); other changes are "
+                   "refused whatever this says (also run.resume_anyway).")
 @click.option("--address", default=None,
               help="Ray address, overriding the config's (default: RAY_ADDRESS, else a local cluster).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the plan (with --dry-run) or the result (adapter, manifest) as JSON.")
 def train_command(config_path: str, dry_run: bool, output_dir: str | None, overwrite: bool,
-                  address: str | None, as_json: bool) -> None:
+                  resume_anyway: bool, address: str | None, as_json: bool) -> None:
     """Fine-tune with LoRA/QLoRA on Ray as a YAML config says: plan, train on Ray Train workers
     (Unsloth + TRL), gather one adapter plus manifest.json. The YAML schema is documented in
     rayquant/config.py; examples/quickstart.yaml is a complete example.
@@ -48,6 +53,7 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
     cfg = load_train_config(config_path)
     run = dataclasses.replace(cfg.run, output_dir=output_dir) if output_dir else cfg.run
     run = dataclasses.replace(run, overwrite=True) if overwrite else run
+    run = dataclasses.replace(run, resume_anyway=True) if resume_anyway else run
     trainer = RayQuantTrainer(model=cfg.model, dataset=cfg.dataset, plan=cfg.plan, lora=cfg.lora,
                               sft=cfg.sft, scaling=cfg.scaling, run=run, address=address or cfg.address,
                               calibration=cfg.calibration, dataset_split=cfg.dataset_split,
@@ -82,7 +88,16 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
     where_to_look(f"Where to look: the run's checkpoints are kept under run.storage_path "
                   f"({run.storage_path}); worker logs are in Ray's session logs "
                   f"(/tmp/ray/session_latest/logs on the head node).")
-    result = trainer.fit()
+    from rayquant.trainer import RunInterrupted
+
+    try:
+        result = trainer.fit()
+    except RunInterrupted as stop:  # Ctrl-C: where the run stopped and how to resume it, no traceback
+        click.echo(f"[rayquant] {stop.render(flags_then_yaml(TRAIN_FLAGS))}", err=True)
+        click.get_current_context().exit(INTERRUPTED)
+    except KeyboardInterrupt:  # before Ray Train started
+        click.echo("[rayquant] interrupted before training started; nothing was trained.", err=True)
+        click.get_current_context().exit(INTERRUPTED)
     if as_json:
         click.echo(json.dumps({"adapter_dir": str(result.adapter_dir), "run_dir": str(result.run_dir),
                                "manifest": result.manifest}, indent=2, default=str))
