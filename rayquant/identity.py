@@ -148,17 +148,19 @@ class ResumeMismatchError(ConfigError):
 
 
 def last_checkpoint_step(run_dir: Path) -> int | None:
-    """The step of the newest training checkpoint under a Ray Train run directory (rank 0's
-    rayquant.worker.checkpoint state), None when there is none."""
+    """The step of the checkpoint Ray Train resumes a run directory from: the latest one its
+    checkpoint manager registered (a directory written but not registered when the run stopped is
+    not resumed from). None when there is none, or it holds final adapters, not a training state."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
     from rayquant.worker.checkpoint import CHECKPOINT_SUBDIR, STATE_FILE
 
-    steps = []
-    for state in Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_SUBDIR}/{STATE_FILE}"):
-        try:
-            steps.append(int(json.loads(state.read_text())["global_step"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return max(steps) if steps else None
+    try:
+        latest = json.loads((Path(run_dir) / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())["latest_checkpoint_result"]
+        state = Path(run_dir) / latest["checkpoint_dir_name"] / CHECKPOINT_SUBDIR / STATE_FILE
+        return int(json.loads(state.read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_resume(run_dir: Path, name: str, identity: Mapping[str, Any], resume_anyway: bool) -> list[dict]:

@@ -39,10 +39,15 @@ def _identity(plan=None, sft=None, steps=10, rows=None):
                         total_steps=steps, data_format="alpaca", train_rows=rows if rows is not None else _rows())
 
 
-def _checkpointed(run_dir, step):
-    state = run_dir / f"checkpoint_2026-12-01_10-00-0{step}.000000" / "checkpoint" / "rayquant_state.json"
+def _checkpointed(run_dir, step, registered=True):
+    """A checkpoint directory as Ray Train leaves it; `registered`: its manager's snapshot names it."""
+    name = f"checkpoint_2026-12-01_10-00-0{step}.000000"
+    state = run_dir / name / "checkpoint" / "rayquant_state.json"
     state.parent.mkdir(parents=True)
     state.write_text(json.dumps({"global_step": step, "data_position_rows": step * 7, "world_size": 2, "losses": []}))
+    if registered:
+        (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+            {"latest_checkpoint_result": {"checkpoint_dir_name": name, "metrics": {"checkpoint_step": step}}}))
 
 
 def test_rows_hash_follows_content_not_chunking():
@@ -63,6 +68,7 @@ def test_a_first_start_writes_the_identity_and_an_unchanged_rerun_resumes(tmp_pa
     assert check_resume(tmp_path, "r", ident, resume_anyway=False) == []
     assert json.loads((tmp_path / IDENTITY_FILE).read_text()) == ident
     _checkpointed(tmp_path, 4)
+    _checkpointed(tmp_path, 6, registered=False)  # written as the run stopped: Ray does not resume from it
     assert last_checkpoint_step(tmp_path) == 4
     assert check_resume(tmp_path, "r", _identity(), resume_anyway=False) == []
 
