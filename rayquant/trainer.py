@@ -390,6 +390,14 @@ def _interrupted(name: str, run_dir: Path, named: bool, started_ray: bool) -> Ru
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # one more Ctrl-C must not cut the shutdown short
     try:
         if started_ray and ray.is_initialized():
+            # Ray Train's aborted actors may still be winding down (a placement-group cleaner that
+            # loses the cluster mid-query prints a traceback): this terminal shows none of it.
+            try:
+                from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+                global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+            except (ImportError, AttributeError):
+                pass
             ray.shutdown()
     finally:
         signal.signal(signal.SIGINT, previous)

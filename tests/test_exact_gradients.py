@@ -77,8 +77,8 @@ _RANK = textwrap.dedent("""
     from rayquant.data import shard_indices
     from rayquant.loading import load_for_training
     from rayquant.worker.sft import make_sft_trainer
-    from tests.test_exact_gradients import perturb_lora_b
-    from tests.train_callbacks import RowLog, StepOneGradients
+    from test_exact_gradients import perturb_lora_b
+    from train_callbacks import RowLog, StepOneGradients
 
     model_dir, rows_file, plan_file, out = sys.argv[1:5]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -105,17 +105,6 @@ _RANK = textwrap.dedent("""
         with open(os.path.join(out, f"{mode}_rank{rank}.json"), "w") as f:
             json.dump({"engine": type(trainer.model_wrapped).__name__}, f)
 """)
-
-
-def unique_rows(path) -> None:
-    """tiny_alpaca's rows, each made unique by its number (the rows are identified by their tokens)
-    and so of more varied lengths."""
-    lines = open(DATA).read().splitlines()
-    with open(path, "w") as f:
-        for i, line in enumerate(lines):
-            row = json.loads(line)
-            row["instruction"] = f"{row['instruction']} (row {i})"
-            f.write(json.dumps(row) + "\n")
 
 
 def _free_port() -> int:
@@ -176,7 +165,9 @@ def ddp_step(request, tiny_llama_dir, tmp_path_factory):
     import torch
 
     tmp = tmp_path_factory.mktemp("exact")
-    unique_rows(tmp / "data.jsonl")
+    from train_callbacks import unique_alpaca
+
+    unique_alpaca(DATA, tmp / "data.jsonl")
     rows = _tokenized_rows(tiny_llama_dir, tmp / "data.jsonl")
     (tmp / "rows.json").write_text(json.dumps(rows.to_list()))
     (tmp / "plan.json").write_text(fp32_plan(request.param).to_json())
@@ -184,13 +175,13 @@ def ddp_step(request, tiny_llama_dir, tmp_path_factory):
     script.write_text(_RANK)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
          str(_free_port()), str(script), str(tiny_llama_dir), str(tmp / "rows.json"), str(tmp / "plan.json"),
          str(tmp / "out"), request.param], env=env, cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    from tests.train_callbacks import trained_rows
+    from train_callbacks import trained_rows
 
     out = tmp / "out"
     ids = {tuple(r): i for i, r in enumerate(rows["input_ids"])}

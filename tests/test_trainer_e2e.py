@@ -1,9 +1,14 @@
 """End to end on CPU with the real stack: RayQuantTrainer -> local Ray -> 2 Ray Train workers (DDP
 over gloo) -> Unsloth CPU fallback in 4-bit -> TRL SFTTrainer -> one gathered adapter.
 
-One training run is shared by the module. Its plan is heterogeneous on purpose (rank 0: micro-batch
-2 x accumulation 2, rank 1: 1 x 3), and rank 1 fails once at step 3 (a user callback, FailOnce), so
-the run also proves `callbacks=` reaching the workers and restart + resume from the step-2 checkpoint.
+Two training runs are shared by the module. Their plan is heterogeneous on purpose (rank 0:
+micro-batch 2 x accumulation 2, rank 1: 1 x 3). In the first, rank 1's process kills itself with
+SIGKILL at the end of step 3 (a user callback, KillOnce, once: a marker file), so the run proves
+`callbacks=` reaching the workers and Ray Train restarting the worker group from the step-2
+checkpoint. The second is the same run uninterrupted: the resumed run's adapter must equal it
+bitwise (CPU training here is deterministic: no dropout, data read in order, every rank's RNG state
+restored), and every rank must train the same rows at every step (a forward hook logs them), none
+twice and none skipped.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import subprocess
 import sys
 
 import pytest
-from transformers import TrainerCallback
 
 from planner.plan import JobSpec, MemoryBreakdown, NodePlan, TrainingPlan, WorkerAssignment
 
@@ -41,50 +45,48 @@ def hetero_plan() -> TrainingPlan:
                                                     WorkerAssignment(1, "CPU:b", 0, 0)))
 
 
-class FailOnce(TrainerCallback):
-    """Raise on `rank` at the end of `step`, once: the marker file says it happened."""
+def _fit(root, name, callbacks, **run):
+    from rayquant.trainer import RayQuantTrainer
 
-    def __init__(self, step: int, rank: int, marker: str) -> None:
-        self.step, self.rank, self.marker = step, rank, marker
-
-    def on_step_end(self, args, state, control, **kwargs):
-        import pathlib
-
-        import ray.train
-
-        marker = pathlib.Path(self.marker)
-        if (state.global_step == self.step and ray.train.get_context().get_world_rank() == self.rank
-                and not marker.exists()):
-            marker.write_text(f"rank {self.rank} failed at step {state.global_step}\n")
-            raise RuntimeError(f"FailOnce at step {state.global_step} on rank {self.rank}")
+    trainer = RayQuantTrainer(
+        model="rayquant/tiny-llama", dataset=str(root / "data.jsonl"), plan=hetero_plan(),
+        sft={"max_steps": MAX_STEPS, "learning_rate": 5e-3, "logging_steps": 1},
+        run={"name": name, "storage_path": str(root / "runs"), "checkpoint_every_steps": CHECKPOINT_EVERY,
+             "max_failures": 1, **run},
+        callbacks=callbacks)
+    return trainer, trainer.fit()
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def runs(tmp_path_factory):
+    """(killed and resumed run, the same run uninterrupted, row ids by their tokens, root)."""
     import ray
 
-    from rayquant.trainer import RayQuantTrainer
+    from train_callbacks import KillOnce, RowLog, unique_alpaca
 
     root = tmp_path_factory.mktemp("e2e")
-    saved = {k: os.environ.get(k) for k in ("RAYQUANT_CACHE",)}
-    os.environ.update(RAYQUANT_CACHE=str(root / "cache"))
+    unique_alpaca(DATA, root / "data.jsonl")
+    saved = os.environ.get("RAYQUANT_CACHE")
+    os.environ["RAYQUANT_CACHE"] = str(root / "cache")
     try:
-        trainer = RayQuantTrainer(
-            model="rayquant/tiny-llama", dataset=DATA, plan=hetero_plan(),
-            sft={"max_steps": MAX_STEPS, "learning_rate": 5e-3, "logging_steps": 1},
-            run={"name": "e2e", "storage_path": str(root / "runs"), "checkpoint_every_steps": CHECKPOINT_EVERY,
-                 "max_failures": 1},
-            callbacks=[FailOnce(FAIL_AT_STEP, rank=1, marker=str(root / "fault-injected"))])
-        result = trainer.fit()
+        trainer, killed = _fit(root, "e2e", [KillOnce(FAIL_AT_STEP, rank=1, marker=str(root / "killed")),
+                                             RowLog(str(root / "rows-killed"))])
+        # The same name again: the first run finished, so this one starts beside it.
+        _, reference = _fit(root, "e2e", [RowLog(str(root / "rows-reference"))],
+                            output_dir=str(root / "elsewhere"))
+        rows = trainer.check().tokens.dataset["input_ids"]
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    yield result
+        if saved is None:
+            os.environ.pop("RAYQUANT_CACHE", None)
+        else:
+            os.environ["RAYQUANT_CACHE"] = saved
+    yield killed, reference, {tuple(r): i for i, r in enumerate(rows)}, root
     ray.shutdown()
 
+
+@pytest.fixture(scope="module")
+def run(runs):
+    return runs[0]
 
 
 @pytest.mark.ray
@@ -100,14 +102,50 @@ def test_each_rank_ran_every_step_with_its_own_settings(run):
 
 
 @pytest.mark.ray
-def test_failed_worker_restarted_and_resumed_from_checkpoint(run):
-    marker = run.run_dir.parent.parent / "fault-injected"
-    assert marker.read_text().startswith(f"rank 1 failed at step {FAIL_AT_STEP}")
+def test_killed_worker_restarted_and_resumed_from_checkpoint(runs):
+    run, _, _, root = runs
+    killed = json.loads((root / "killed").read_text())
+    assert (killed["rank"], killed["step"]) == (1, FAIL_AT_STEP)
     last_checkpoint = (FAIL_AT_STEP // CHECKPOINT_EVERY) * CHECKPOINT_EVERY
     assert [w["resumed_from_step"] for w in run.manifest["workers"]] == [last_checkpoint] * 2
     assert run.manifest["run"]["steps"] == MAX_STEPS
+    # Ray merged the ranks' checkpoint directories: every rank's RNG state is there to resume from.
+    states = list(run.run_dir.glob("checkpoint_*/checkpoint/rayquant_state.json"))
+    assert states and all({"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(p.parent)) for p in states)
     steps = [s for s, _ in run.manifest["loss"]["curve"]]
     assert steps == list(range(1, MAX_STEPS + 1))  # the curve survives the restart
+
+
+@pytest.mark.ray
+def test_resumed_adapter_equals_the_uninterrupted_run_bitwise(runs):
+    from safetensors.torch import load_file
+
+    killed, reference, _, _ = runs
+    assert [w["resumed_from_step"] for w in reference.manifest["workers"]] == [None, None]
+    assert killed.manifest["adapter_sha256"] == reference.manifest["adapter_sha256"]
+    a = load_file(str(killed.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(reference.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert killed.manifest["loss"]["curve"] == reference.manifest["loss"]["curve"]
+
+
+@pytest.mark.ray
+def test_resumed_ranks_train_each_row_once_as_the_uninterrupted_run(runs):
+    from rayquant.data import shard_indices
+    from train_callbacks import trajectory
+
+    _, _, row_ids, root = runs
+    per_rank = [4, 3]
+    last_checkpoint = (FAIL_AT_STEP // CHECKPOINT_EVERY) * CHECKPOINT_EVERY
+    for rank in (0, 1):
+        resumed, starts = trajectory(root / "rows-killed", rank, row_ids)
+        uninterrupted, ref_starts = trajectory(root / "rows-reference", rank, row_ids)
+        assert starts == [1, last_checkpoint + 1] and ref_starts == [1]
+        assert resumed == uninterrupted  # step by step, micro-batch by micro-batch
+        trained = [i for s in sorted(resumed) for batch in resumed[s] for i in batch]
+        assert sorted(resumed) == list(range(1, MAX_STEPS + 1))
+        # each row of the rank's first MAX_STEPS global-batch slices once, in order
+        assert trained == shard_indices(len(row_ids), per_rank, rank)[:MAX_STEPS * per_rank[rank]]
 
 
 @pytest.mark.ray
@@ -159,20 +197,15 @@ def test_manifest_measures_next_to_predictions(run):
 
 
 @pytest.mark.ray
-def test_rerunning_a_finished_run_starts_a_new_one_beside_it(run):
+def test_rerunning_a_finished_run_starts_a_new_one_beside_it(runs):
     # Ray Train would restore the finished run's final checkpoint (adapters only); the trainer must
-    # start a fresh run instead, and say where, whether or not the adapter goes elsewhere.
-    from rayquant.trainer import RayQuantTrainer
-
-    assert (run.run_dir / "rayquant_finished.json").exists()
-    out = run.run_dir.parent / "elsewhere"
-    again = RayQuantTrainer(
-        model="rayquant/tiny-llama", dataset=DATA, plan=hetero_plan(),
-        sft={"max_steps": 2, "learning_rate": 5e-3, "logging_steps": 1},
-        run={"name": "e2e", "storage_path": str(run.run_dir.parent), "output_dir": str(out)}).fit()
-    assert again.run_dir != run.run_dir and again.run_dir.name.startswith("e2e-")
-    assert [w["steps"] for w in again.manifest["workers"]] == [2, 2]
-    assert (out / "adapter_config.json").exists()
+    # start a fresh run instead (the uninterrupted run above has the same name), whether or not
+    # the adapter goes elsewhere.
+    killed, again, _, root = runs
+    assert (killed.run_dir / "rayquant_finished.json").exists()
+    assert again.run_dir.parent == killed.run_dir.parent and again.run_dir.name.startswith("e2e-")
+    assert [w["steps"] for w in again.manifest["workers"]] == [MAX_STEPS, MAX_STEPS]
+    assert again.adapter_dir == root / "elsewhere" and (again.adapter_dir / "adapter_config.json").exists()
 
 
 @pytest.mark.ray

@@ -191,29 +191,60 @@ def _zero3_cpu_plan() -> TrainingPlan:
                                                      WorkerAssignment(1, "CPU:2", 0, 1)))
 
 
+def _zero3_fit(root, name, callbacks):
+    from rayquant.trainer import RayQuantTrainer
+
+    return RayQuantTrainer(
+        model="rayquant/tiny-llama", dataset="examples/data/tiny_alpaca.jsonl", plan=_zero3_cpu_plan(),
+        sft={"max_steps": E2E_STEPS, "learning_rate": 1e-2, "logging_steps": 1, "seed": 0, "backend": "hf"},
+        run={"name": name, "storage_path": str(root / "runs"), "checkpoint_every_steps": 2, "max_failures": 1},
+        callbacks=callbacks).fit()
+
+
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory):
+def zero3_runs(tmp_path_factory):
+    """A ZeRO-3 run whose rank 1 is killed (SIGKILL) at the end of step 3 and resumed by Ray Train
+    from the step-2 checkpoint (every rank's ZeRO shard), and the same run uninterrupted."""
     import ray
 
-    from rayquant.trainer import RayQuantTrainer
+    from train_callbacks import KillOnce
 
     root = tmp_path_factory.mktemp("zero3-e2e")
     saved = os.environ.get("RAYQUANT_CACHE")
     os.environ["RAYQUANT_CACHE"] = str(root / "cache")
     try:
-        result = RayQuantTrainer(
-            model="rayquant/tiny-llama", dataset="examples/data/tiny_alpaca.jsonl", plan=_zero3_cpu_plan(),
-            sft={"max_steps": E2E_STEPS, "learning_rate": 1e-2, "logging_steps": 1, "seed": 0,
-                 "backend": "hf"},
-            run={"name": "zero3", "storage_path": str(root / "runs"), "checkpoint_every_steps": 100,
-                 "max_failures": 0}).fit()
+        killed = _zero3_fit(root, "zero3", [KillOnce(3, rank=1, marker=str(root / "killed"))])
+        reference = _zero3_fit(root, "zero3-reference", [])
     finally:
         if saved is None:
             os.environ.pop("RAYQUANT_CACHE", None)
         else:
             os.environ["RAYQUANT_CACHE"] = saved
-    yield result, root
+    yield killed, reference, root
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def zero3_run(zero3_runs):
+    killed, _, root = zero3_runs
+    return killed, root
+
+
+@pytest.mark.ray
+def test_zero3_resumes_a_killed_worker_to_the_uninterrupted_adapter(zero3_runs):
+    from safetensors.torch import load_file
+
+    killed, reference, root = zero3_runs
+    assert json.loads((root / "killed").read_text())["step"] == 3
+    assert [w["resumed_from_step"] for w in killed.manifest["workers"]] == [2, 2]
+    assert [w["resumed_from_step"] for w in reference.manifest["workers"]] == [None, None]
+    # Both ranks gathered the same whole adapter, and it is the uninterrupted run's, bit for bit.
+    assert len({w["adapter_sha256"] for w in killed.manifest["workers"]}) == 1
+    assert killed.manifest["adapter_sha256"] == reference.manifest["adapter_sha256"]
+    a = load_file(str(killed.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(reference.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert killed.manifest["loss"]["curve"] == reference.manifest["loss"]["curve"]
 
 
 @pytest.mark.ray

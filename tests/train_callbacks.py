@@ -90,6 +90,33 @@ class StepOneGradients(TrainerCallback):
                           for n, p in model.named_parameters() if p.requires_grad}
 
 
+def unique_alpaca(src, dst) -> str:
+    """`src`'s alpaca rows, each made unique by its number (the row logs identify rows by their
+    tokens; tiny_alpaca repeats some rows). Returns `dst` as a string."""
+    with open(src) as f, open(dst, "w") as out:
+        for i, line in enumerate(f.read().splitlines()):
+            row = json.loads(line)
+            row["instruction"] = f"{row['instruction']} (row {i})"
+            out.write(json.dumps(row) + "\n")
+    return str(dst)
+
+
+def trajectory(folder, rank: int, row_ids) -> tuple[dict[int, list[list[int]]], list[int]]:
+    """What `rank` trained, attempts stitched as a resumed run is: for each step, the row ids of its
+    micro-batches in the last attempt that trained it (an attempt killed mid-run is rolled back to
+    the checkpoint the next one resumes from); and each attempt's first step. `row_ids` maps a
+    row's token tuple to its id."""
+    steps: dict[int, list[list[int]]] = {}
+    first: list[int] = []
+    for attempt, step, rows in trained_rows(folder, rank):
+        if attempt == len(first):
+            first.append(step)
+            for later in [s for s in steps if s >= step]:
+                del steps[later]
+        steps.setdefault(step, []).append([row_ids[tuple(r)] for r in rows])
+    return steps, first
+
+
 def trained_rows(folder, rank: int) -> list[tuple[int, int, list[list[int]]]]:
     """(attempt number from 0, step, rows) for each micro-batch `rank` trained, in order."""
     lines = [json.loads(x) for x in (Path(folder) / f"rows-rank{rank}.jsonl").read_text().splitlines()]

@@ -159,7 +159,7 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str, ev
     resumed_from = None
     t0 = time.perf_counter()
     if checkpoint is not None:
-        with restored(checkpoint, world) as (state, hf_checkpoint):
+        with restored(checkpoint, world, plan.global_batch_size) as (state, hf_checkpoint):
             resumed_from = state.global_step
             report.losses = [x for x in state.losses if x[0] <= resumed_from]
             trainer.train(resume_from_checkpoint=hf_checkpoint)

@@ -24,8 +24,9 @@ class CheckpointState:
     """What rank 0 records beside its HF checkpoint for the run that resumes from it."""
 
     global_step: int
-    # Rows of the global batch order consumed so far (global_step x global batch); not read back:
-    # the HF trainer state in the checkpoint positions the resumed data loader.
+    # Rows of the global batch order consumed so far (global_step x global batch). The resumed
+    # trainer skips global_step x (micro-batch x accumulation) rows of each rank's shard (HF's
+    # trainer state), which is this position only under the same global batch: `restored` checks it.
     data_position_rows: int
     world_size: int  # a resumed run must have as many workers: shards depend on it
     losses: tuple[tuple[int, float], ...]  # (step, loss) so far, so the manifest's curve spans restarts
@@ -63,9 +64,14 @@ def report_checkpoint(hf_checkpoint: Path, state: CheckpointState | None, metric
 
 
 @contextmanager
-def restored(checkpoint, world_size: int) -> Iterator[tuple[CheckpointState, str]]:
+def restored(checkpoint, world_size: int, global_batch_size: int) -> Iterator[tuple[CheckpointState, str]]:
     """Open Ray's checkpoint to resume from: yields the run's state and the HF checkpoint directory
-    for `trainer.train(resume_from_checkpoint=...)`, valid inside the `with` block."""
+    for `trainer.train(resume_from_checkpoint=...)`, valid inside the `with` block.
+
+    Refuses a checkpoint the resumed run would not continue exactly: written by another number of
+    workers, at a data position that is not global_step global batches of this size, or missing a
+    rank's RNG state (transformers saves rng_state_<rank>.pth per process and, without it, resumes
+    with a fresh generator: dropout and any sampling would differ from the interrupted run)."""
     with checkpoint.as_directory() as ckpt_dir:
         state_file = Path(ckpt_dir) / CHECKPOINT_SUBDIR / STATE_FILE
         if not state_file.exists():
@@ -76,4 +82,14 @@ def restored(checkpoint, world_size: int) -> Iterator[tuple[CheckpointState, str
         if state.world_size != world_size:
             raise RuntimeError(f"checkpoint was written by {state.world_size} workers, this run has "
                                f"{world_size}; start a new run (run.name) to change the worker count")
-        yield state, str(Path(ckpt_dir) / CHECKPOINT_SUBDIR)
+        if state.data_position_rows != state.global_step * global_batch_size:
+            raise RuntimeError(f"the checkpoint of {checkpoint.path} stopped {state.data_position_rows} rows "
+                               f"into the data, which is not {state.global_step} steps of {global_batch_size} "
+                               "rows: it was written under another global batch; start a new run (run.name)")
+        hf_dir = Path(ckpt_dir) / CHECKPOINT_SUBDIR
+        missing = [r for r in range(world_size) if world_size > 1 and not (hf_dir / f"rng_state_{r}.pth").exists()]
+        if missing:
+            raise RuntimeError(f"the checkpoint of {checkpoint.path} lacks the RNG state of rank(s) "
+                               f"{', '.join(map(str, missing))}; resuming would not continue the run it "
+                               "interrupted. Start a new run (run.name)")
+        yield state, str(hf_dir)
