@@ -33,7 +33,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
     """Plan and run LoRA/QLoRA fine-tuning on a Ray cluster with whatever GPUs it has.
 
     Exit status: 0 success, 2 bad input (the message says how to fix it), 1 a failed run or an
-    internal error."""
+    internal error, 130 a training run interrupted (Ctrl-C)."""
     if verbose:
         set_verbose(ctx)
 

@@ -7,6 +7,8 @@ and the exit status.
        `To fix:` line, no traceback
     1  the run failed (Ray, Ray Train, a worker, ranks that disagree): `Error: the run failed: ...`
        and where to look
+    130 `rayquant train` interrupted (Ctrl-C): one line with where the run stopped and how to
+       resume it (rayquant.cli.train)
     1  anything else is a bug in rayquant: `Internal error (a bug in rayquant): <type>: <message>`
        and how to see the traceback (`rayquant --verbose ...` or RAYQUANT_VERBOSE=1)
 
