@@ -63,13 +63,19 @@ class RowLog(TrainerCallback):
 
 
 class KillOnce(TrainerCallback):
-    """SIGKILL this process at the end of optimizer step `step` on rank `rank`, once per run: the
-    marker file says it happened, so the restarted worker trains on."""
+    """SIGKILL this process after optimizer step `step` on rank `rank`, once per run: the marker
+    file says it happened, so the restarted worker trains on.
+
+    It strikes when the step's metrics are logged, after rayquant's own callback reported them:
+    Ray Train keeps one unconsumed report per worker (a queue of one), so by then the controller
+    has taken every report before it, the last checkpoint included. A kill right after a checkpoint
+    report can lose that checkpoint (the run then resumes from the one before, still correctly),
+    which would not test resuming from it."""
 
     def __init__(self, step: int, rank: int, marker: str) -> None:
         self.at, self.rank, self.marker = step, rank, marker
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_log(self, args, state, control, **kw):
         marker = Path(self.marker)
         if state.global_step == self.at and _rank() == self.rank and not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
