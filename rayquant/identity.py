@@ -122,12 +122,19 @@ _SPELLED = {"model": "{model}", "data.train_sha256": "{dataset} (its tokenized r
 
 
 def _spelled(field: str) -> str:
+    """A field of the identity as the message names it: an option ({sft.seq_len}) where it is one."""
+    import re
+
     if field in _SPELLED:
         return _SPELLED[field]
     if field.startswith("sft."):
         return "{" + field + "}"
-    return field.replace("plan.ranks", "the plan: rank ").replace("plan.batch_shape", "the plan: rank ") \
-        .replace("[", "").replace("]", "").replace("plan.", "the plan: ")
+    if field == "plan.global_batch_size":
+        return "{sft.global_batch_size}"
+    rank = re.fullmatch(r"plan\.(?:ranks|batch_shape)\[(\d+)\]\.(\w+)", field)
+    if rank:
+        return f"the plan's {rank.group(2)} of rank {rank.group(1)}"
+    return "the plan's " + field.removeprefix("plan.")
 
 
 def _shown(value: Any) -> str:

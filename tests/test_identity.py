@@ -108,7 +108,7 @@ def test_max_steps_down_and_a_new_per_rank_share_are_refused_even_when_asked(tmp
     _checkpointed(tmp_path, 4)
     with pytest.raises(ResumeMismatchError, match="sft.max_steps: 10 -> 8"):
         check_resume(tmp_path, "r", _identity(steps=8), resume_anyway=True)
-    with pytest.raises(ResumeMismatchError, match="samples_per_step: 4 -> 2"):  # rank 0: 2x2 -> 1x2
+    with pytest.raises(ResumeMismatchError, match="the plan.s samples_per_step of rank 0: 4 -> 2"):  # 2x2 -> 1x2
         check_resume(tmp_path, "r", _identity(plan=_plan(micro=(1, 1), accum=(2, 5))), resume_anyway=True)
 
 
