@@ -3,7 +3,7 @@ over gloo) -> Unsloth CPU fallback in 4-bit -> TRL SFTTrainer -> one gathered ad
 
 Two training runs are shared by the module. Their plan is heterogeneous on purpose (rank 0:
 micro-batch 2 x accumulation 2, rank 1: 1 x 3). In the first, rank 1's process kills itself with
-SIGKILL at the end of step 3 (a user callback, KillOnce, once: a marker file), so the run proves
+SIGKILL after step 3 (a user callback, KillOnce, once: a marker file), so the run proves
 `callbacks=` reaching the workers and Ray Train restarting the worker group from the step-2
 checkpoint. The second is the same run uninterrupted: the resumed run's adapter must equal it
 bitwise (CPU training here is deterministic: no dropout, data read in order, every rank's RNG state

@@ -2,6 +2,8 @@
 
 DeepSpeed 0.19 picks its CPU accelerator when there is no GPU and talks over gloo (it JIT-builds a
 small shared-memory op with g++ the first time), so the run below is the real thing, not a stand-in.
+Through RayQuantTrainer, a ZeRO-3 run whose rank 1 is killed (SIGKILL) after step 3 resumes from
+the step-2 checkpoint (every rank's shard) to the same adapter, bit for bit, as an uninterrupted run.
 """
 
 from __future__ import annotations
