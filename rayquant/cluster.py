@@ -54,9 +54,10 @@ def connect(address: str | None = None, *, driver_logs: bool = True) -> bool:
     where = f"the Ray cluster at {target}" if target else "a new local Ray cluster"
     interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
     try:
-        ray.init(address=target or LOCAL, logging_level="WARNING" if driver_logs else "ERROR",
-                 log_to_driver=driver_logs,
-                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval}})
+        with _local_processes_ignore_sigint(starting=not target):
+            ray.init(address=target or LOCAL, logging_level="WARNING" if driver_logs else "ERROR",
+                     log_to_driver=driver_logs,
+                     runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval}})
     except ray.exceptions.AuthenticationError as e:
         raise ClusterConnectError(
             f"{where} refused this client: token authentication failed ({e.message}).\n"
@@ -79,6 +80,27 @@ def connect(address: str | None = None, *, driver_logs: bool = True) -> bool:
             raise
         raise ClusterConnectError(f"{where} needs a token: {e}\nTo fix: {_TOKEN_HELP}.") from None
     return True
+
+
+@contextlib.contextmanager
+def _local_processes_ignore_sigint(starting: bool) -> Iterator[None]:
+    """While a local cluster starts: SIGINT ignored, a disposition every process Ray starts (GCS,
+    raylet, dashboard, and the workers the raylet starts) inherits, Python ones included. Ctrl-C
+    in a terminal signals the whole foreground process group; this way only the driver sees it,
+    and Ray Train's handler there aborts the run while the cluster is still whole (else the
+    dashboard and actors die mid-abort and print their tracebacks). The driver's ray.shutdown()
+    then ends them."""
+    import signal
+    import threading
+
+    if not starting or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
