@@ -228,7 +228,6 @@ class RayQuantTrainer:
 
         import ray
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
 
         from rayquant.adapters import build_manifest, gather, write_adapter_dir
         from rayquant.contract import SftSettings, WorkerConfig
@@ -267,7 +266,7 @@ class RayQuantTrainer:
         _pickle_user_code_by_value(self.callbacks)
         print(f"[rayquant] training {self.model}: {plan.num_workers} workers, {total_steps} steps of "
               f"{plan.global_batch_size} sequences, run {name} in {storage}", flush=True)
-        trainer = TorchTrainer(
+        trainer = _torch_trainer_class()(
             _train_loop, train_loop_config=config, scaling_config=ScalingConfig(**scaling_kwargs),
             run_config=RunConfig(
                 name=name, storage_path=str(storage),
@@ -277,13 +276,12 @@ class RayQuantTrainer:
                 worker_runtime_env={"env_vars": env,
                                     "worker_process_setup_hook": "rayquant.worker.import_unsloth_first"}))
         t0 = time.perf_counter()
-        sigint = _sigint_handler()  # Ray Train's fit() installs its own and leaves it installed
+        sigint = _sigint_handler()  # fit() installs its own (_torch_trainer_class) and leaves it
         try:
             result = trainer.fit()
         except (KeyboardInterrupt, SystemExit):
-            # Ctrl-C: Ray Train's SIGINT handler aborts the workers and the controller, then ends
-            # with sys.exit(0) (a Ctrl-C before it is installed: KeyboardInterrupt). Say where the
-            # run stopped, shut down the Ray this call started, and raise RunInterrupted.
+            # Ctrl-C: the run was aborted (workers and controller); say where it stopped, shut
+            # down the Ray this call started, and raise RunInterrupted.
             _set_sigint(sigint)
             raise _interrupted(name, run_dir, bool(run.name), started_ray) from None
         finally:
@@ -380,6 +378,42 @@ class RunInterrupted(KeyboardInterrupt):
         return render_options(self.template, spell)
 
 
+def _torch_trainer_class():
+    """Ray Train's TorchTrainer with rayquant's Ctrl-C: the same graceful abort as Ray Train's own
+    SIGINT handler (the controller aborts the worker group and exits), but quiet and ending in
+    KeyboardInterrupt instead of sys.exit(0). Quiet: the driver stops printing the workers' logs
+    first, since aborted actors race to print their teardown (a placement-group cleaner thread cut
+    off mid-query prints a traceback); the session's log files keep it all."""
+    import signal
+
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    class RayQuantTorchTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:  # ray.train.v2 DataParallelTrainer's hook
+            def abort(signum, frame):
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # one abort; fit()'s caller restores it
+                _stop_printing_worker_logs()
+                try:
+                    ray.get(controller.abort.remote())
+                except ray.exceptions.RayActorError:
+                    pass  # the controller exits as it aborts
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, abort)
+
+    return RayQuantTorchTrainer
+
+
+def _stop_printing_worker_logs() -> None:
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    except (ImportError, AttributeError):
+        pass
+
+
 def _interrupted(name: str, run_dir: Path, named: bool, started_ray: bool) -> RunInterrupted:
     import signal
 
@@ -390,14 +424,7 @@ def _interrupted(name: str, run_dir: Path, named: bool, started_ray: bool) -> Ru
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # one more Ctrl-C must not cut the shutdown short
     try:
         if started_ray and ray.is_initialized():
-            # Ray Train's aborted actors may still be winding down (a placement-group cleaner that
-            # loses the cluster mid-query prints a traceback): this terminal shows none of it.
-            try:
-                from ray._private.ray_logging import global_worker_stdstream_dispatcher
-
-                global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
-            except (ImportError, AttributeError):
-                pass
+            _stop_printing_worker_logs()  # what the aborted actors print as the cluster goes
             ray.shutdown()
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -84,6 +84,7 @@ def interrupted(tmp_path_factory):
     proc.wait()
     # Processes Ray started for this command end with it (generous: they are polled, not timed).
     _, alive = psutil.wait_procs(ray_processes, timeout=120)
+    (tmp / "output.txt").write_text("".join(lines))  # for a look when an assertion below fails
     return {"tmp": tmp, "rc": proc.returncode, "output": "".join(lines), "ray_processes": ray_processes,
             "alive": alive}
 
