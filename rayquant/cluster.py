@@ -53,11 +53,20 @@ def connect(address: str | None = None, *, driver_logs: bool = True) -> bool:
     target = ray_address(address)
     where = f"the Ray cluster at {target}" if target else "a new local Ray cluster"
     interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval}
+    local = {}
+    if not target:
+        # Ray Train's placement-group cleaner asks the state API whether the controller lives; with
+        # no address it finds "the" local cluster, which on a machine running several is the one
+        # started last: it then sees no controller, removes this run's placement group and kills
+        # the run. Its processes are told this cluster's dashboard instead.
+        port = _free_port()
+        local = {"dashboard_port": port}
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
         with _local_processes_ignore_sigint(starting=not target):
             ray.init(address=target or LOCAL, logging_level="WARNING" if driver_logs else "ERROR",
-                     log_to_driver=driver_logs,
-                     runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval}})
+                     log_to_driver=driver_logs, runtime_env={"env_vars": env}, **local)
     except ray.exceptions.AuthenticationError as e:
         raise ClusterConnectError(
             f"{where} refused this client: token authentication failed ({e.message}).\n"
@@ -80,6 +89,14 @@ def connect(address: str | None = None, *, driver_logs: bool = True) -> bool:
             raise
         raise ClusterConnectError(f"{where} needs a token: {e}\nTo fix: {_TOKEN_HELP}.") from None
     return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
