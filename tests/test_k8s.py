@@ -348,8 +348,8 @@ def test_hf_token_comes_from_a_secret_on_every_pod():
 
 
 def test_no_secret_no_token_env():
-    spec = _cluster_spec(render(hf_token_secret=None)[1])
-    assert "env" not in container(spec["headGroupSpec"])
+    spec = _cluster_spec(render(hf_token_secret=None, no_hf_token=True)[1])
+    assert "HF_TOKEN" not in {e["name"] for e in container(spec["headGroupSpec"]).get("env", [])}
 
 
 @pytest.mark.parametrize("config", [
@@ -467,7 +467,8 @@ def test_cli_uses_a_given_plan_and_renders_a_raycluster(tmp_path, monkeypatch):
     plan_file.write_text(MIXED.to_json())
     result = run_cli("--config", "k8s/train.yaml", "--plan", str(plan_file), "--image", "img:1",
                      "--storage", "gs://bucket/runs", "--dataset-in-pod", "/data/x.jsonl",
-                     "--cluster", "--gpu-label", "karpenter.k8s.aws/instance-gpu-name")
+                     "--hf-token-secret", "hf-token", "--cluster",
+                     "--gpu-label", "karpenter.k8s.aws/instance-gpu-name")
     assert result.exit_code == 0, result.output
     configmap, cluster = yaml.safe_load_all(result.output)
     assert cluster["kind"] == "RayCluster"
