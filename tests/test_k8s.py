@@ -404,7 +404,7 @@ def run_cli(*args):
 
 
 EXAMPLE_ARGS = ["--config", "k8s/train.yaml", "--image", "registry.example.com/rayquant:0.1.0",
-                "--storage", "rayquant-pvc", "--hf-token-secret", "hf-token",
+                "--image-pull-secret", "regcred", "--storage", "rayquant-pvc", "--hf-token-secret", "hf-token",
                 "--dataset-in-pod", "/mnt/rayquant/data/train.jsonl"]
 EXAMPLES = {
     "rayjob-h100.yaml": ["--gpus", "2x8xH100-80GB", "--name", "llama-h100", *EXAMPLE_ARGS],
