@@ -90,7 +90,7 @@ def test_base_image_is_the_pinned_ray_of_the_lock(name):
     assert version == DEFAULT_RAY_VERSION == lock_pins()["ray"]  # the Ray pyproject and the lock pin
     assert python == LOCK_PYTHON
     if DOCKERFILES[name] == "gpu":
-        assert re.fullmatch(r"cu12\d", platform), f"{name}: {tag} is not a CUDA 12 image"
+        assert re.fullmatch(r"cu\d{3}", platform), f"{name}: {tag} is not a CUDA image (-cuXYZ)"
     else:
         assert platform == "cpu"
 

@@ -724,3 +724,22 @@ def test_done_means_private_registry_bucket_and_gated_model_need_no_hand_edit(tm
     for group in groups(docs):
         assert ephemeral_gib(group) > 16  # the 16 GB checkpoint is downloaded into each pod
     assert "wrote" in result.output and "disk" in result.output
+
+
+def test_gated_is_known_without_the_hub_for_gated_orgs_and_unknown_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    from rayquant.models import hub_gated
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_gated("meta-llama/Llama-Guard-4-12B") is True  # not in the catalog: its org is gated
+    assert hub_gated("google/gemma-3-270m") is True
+    assert hub_gated("Qwen/Qwen3-8B") is False  # a catalog model outside the gated orgs
+    assert hub_gated("rayquant/tiny-llama") is False and hub_gated("/models/llama") is False
+    assert hub_gated("some-org/some-model") is None  # would ask the Hub; offline, unknown
+    # Unknown is not refused (the pods say so if the Hub turns them away); a gated org is.
+    from rayquant.k8s.render import check_hf_token
+
+    check_hf_token("some-org/some-model", options(hf_token_secret=None))
+    with pytest.raises(k8s.K8sError, match="gated"):
+        check_hf_token("meta-llama/Llama-Guard-4-12B", options(hf_token_secret=None))
