@@ -156,11 +156,13 @@ def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, 
     """Render KubeRay manifests from the plan: a ConfigMap (training config + plan) and a RayJob
     running `rayquant train` on it (a RayCluster with --cluster). One worker group per node type:
     replicas, nvidia.com/gpu, CPU and memory from the plan, a GPU node selector and toleration, and
-    the rayquant.io/node-type Ray label the workers are pinned by.
+    the rayquant.io/node-type Ray label the workers are pinned by. With a PVC the model is cached
+    on it (HF_HOME); secrets, service account and pull secrets are references only.
 
     \b
+    docker build -f docker/Dockerfile -t ghcr.io/acme/rayquant:0.1 . && docker push ghcr.io/acme/rayquant:0.1
     rayquant k8s --config train.yaml --gpus 2x8xH100-80GB --image ghcr.io/acme/rayquant:0.1 \\
-        --storage rayquant-pvc --hf-token-secret hf-token -o rayjob.yaml
+        --image-pull-secret regcred --storage rayquant-pvc --hf-token-secret hf-token -o rayjob.yaml
     kubectl apply -f rayjob.yaml
     """
     import json
@@ -206,8 +208,8 @@ def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, 
     else:
         click.echo(text, nl=False)
     if image.startswith(("rayproject/ray:", "docker.io/rayproject/ray:")) and not pip_packages:
-        click.echo(f"note: {image} has no rayquant installed; add --pip 'rayquant[train]' or build "
-                   "an image (docs/kubernetes.md)", err=True)
+        click.echo(f"note: {image} has no rayquant installed; build the image of docker/Dockerfile "
+                   "(docs/kubernetes.md) or add --pip 'rayquant[train]'", err=True)
 
 
 COMMANDS = (k8s_command,)
