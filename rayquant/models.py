@@ -69,6 +69,35 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+# Hub repos that are gated: the Hub serves their files only to an account that accepted the
+# owner's terms, with that account's token. Meta's Llama, Google's Gemma and Mistral AI's models
+# (every catalog model of those orgs) are; for any other repo the Hub's metadata says it.
+GATED_REPOS = (re.compile(r"^meta-llama/", re.IGNORECASE),
+               re.compile(r"^google/(gemma|codegemma|recurrentgemma|paligemma|shieldgemma)", re.IGNORECASE),
+               re.compile(r"^mistralai/", re.IGNORECASE))
+
+
+def hub_gated(model: str) -> bool | None:
+    """Whether the Hub gates `model`: from GATED_REPOS, else (a Hub id outside the catalog) the
+    Hub's model_info; None when that cannot be asked (offline, or the Hub did not answer). Local
+    paths and tiny models are not gated."""
+    if not is_hub_model(model):
+        return False
+    if any(p.match(model) for p in GATED_REPOS):
+        return True
+    if is_catalog_id(model):
+        return False
+    if hub_offline():
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(model, timeout=10)
+    except Exception:  # no network, a private repo, a Hub error: unknown, the pods will say
+        return None
+    return bool(info.gated)
+
+
 def is_catalog_id(model: str) -> bool:
     from planner.catalog_models import catalog_spec
 
