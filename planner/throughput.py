@@ -1,7 +1,8 @@
 """Predicted training tokens/s of one worker: the time of one micro-step, term by term.
 
-    step = GEMMs + attention + 4-bit dequantization + FP8 casts + LoRA adapters + optimizer
-           + offloaded checkpoints over the host link + fixed cost per layer + all-reduce
+    step = max(GPU work, host time per layer x layers), GPU work = GEMMs + attention + 4-bit
+           dequantization + FP8 casts + LoRA adapters + optimizer + offloaded checkpoints over the
+           host link + ZeRO-3 gathers + all-reduce
 
 Each term is a formula of the model's shapes and the GPU's catalog figures (dense TFLOPS, memory
 bandwidth, host link, NVLink). Four kinds of constant are fitted, from the *fit* rows of
@@ -42,16 +43,17 @@ FP8_DEQUANT_BYTES_PER_PARAM = 3.0
 # Between nodes, the all-reduce runs over the cluster network: 100 Gb/s Ethernet/InfiniBand assumed
 # where the caller does not say (12.5 GB/s per direction).
 NETWORK_GB_PER_S = 12.5
-# The fixed cost of a stack: "unsloth" (Unsloth's patched model), "eager" (transformers + PEFT, or
-# any eager PyTorch loop), "compiled" (torch.compile fuses the small kernels; no fixed cost assumed).
-STACKS = ("unsloth", "eager", "compiled")
+# The host cost of a stack: "unsloth" (Unsloth's patched model), "hf" (transformers + PEFT, eager),
+# "compiled" (torch.compile fuses the small kernels; no host cost assumed), "torchtune-eager"
+# (torchtune's eager loop: only for its published row; no worker runs it).
+STACKS = ("unsloth", "hf", "compiled", "torchtune-eager")
 
 EXPECTED_ERROR: float = throughput_fit.EXPECTED_ERROR
 
 
 def stack_for(backend: str) -> str:
-    """The fixed-cost stack of a worker backend: unsloth, else eager transformers + PEFT."""
-    return "unsloth" if backend == "unsloth" else "eager"
+    """The host-cost stack of a worker backend: unsloth, else transformers + PEFT (hf)."""
+    return "unsloth" if backend == "unsloth" else "hf"
 
 
 def gpu_class(gpu: GpuSpec) -> str:
@@ -228,7 +230,6 @@ def step_time(model: ModelSpec, gpu: GpuSpec, *, quantization: str, seq_len: int
         link = gpu.host_link_gb_per_s * 1e9 * LINK_EFFICIENCY
         copy = 2.0 * tokens * model.hidden_size / link
         t["offload"] = model.num_layers * (max(0.0, copy - layer_fwd) + copy)
-    t["fixed"] = model.num_layers * fit["fixed_seconds_per_layer"].get(stack, 0.0)
     link_gpu = (gpu.nvlink_gb_per_s or gpu.host_link_gb_per_s) * 1e9 * LINK_EFFICIENCY
     if num_shards > 1:
         # ZeRO-3 / FSDP: every 16-bit weight is all-gathered for each forward and the backward,
@@ -243,6 +244,10 @@ def step_time(model: ModelSpec, gpu: GpuSpec, *, quantization: str, seq_len: int
         # their bytes through each worker's link, not overlapped (conservative).
         net = network_gb_per_s * 1e9 * LINK_EFFICIENCY if network_gb_per_s else link_gpu
         t["all_reduce"] = 2.0 * (data_parallel - 1) / data_parallel * trainable * pbytes / net
+    # The host's time per layer (Python, kernel launches) runs ahead of the GPU asynchronously:
+    # the step takes the longer of the two; "fixed" is what the host adds beyond the GPU's work.
+    host = model.num_layers * fit["fixed_seconds_per_layer"].get(stack, 0.0)
+    t["fixed"] = max(0.0, host - sum(t.values()))
     return StepTime(tokens, t)
 
 
