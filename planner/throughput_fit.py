@@ -3,7 +3,7 @@ of planner/data/throughput_points.json; do not edit (tests/test_throughput_fit.p
 
 # Achievable fraction of the dense 16-bit peak in training GEMMs, per GPU class ("sm" + compute
 # capability); classes without fit rows take the default (the classes' geometric mean).
-GEMM_EFFICIENCY = {'sm80': 0.68, 'sm90': 0.344}
+GEMM_EFFICIENCY = {'sm80': 0.681, 'sm90': 0.344}
 GEMM_EFFICIENCY_DEFAULT = 0.484
 # Row-wise FP8 GEMMs run eagerly (Unsloth's FP8 path, rayquant/fp8.py): rate relative to the 16-bit
 # efficiency on the FP8 peak, and bytes moved per input element by the activation cast (amax, scale,

@@ -102,7 +102,7 @@ def reasons(ts: TypeSearch, cfg: Candidate, job: JobSpec, accum: int, samples: i
                                    "none: activations fit, no recomputation"
                                    if cfg.checkpointing == "none" else
                                    f"{cfg.checkpointing}: activations of every layer do not fit; "
-                                   "recompute (+~33% compute)" + (", layer inputs offloaded to host RAM"
+                                   f"recompute (+{33 if job.full_finetune else 50}% GEMM work: one more forward)" + (", layer inputs offloaded to host RAM"
                                                                   if cfg.checkpointing == "unsloth" else ""))
     r["placement"] = {
         "per-gpu": "one worker per GPU (DDP): the model fits one GPU",
