@@ -144,3 +144,20 @@ def test_all_reduce_over_the_network(llama):
 def test_expected_error_is_shown():
     assert expected_error_text() == f"+-{round(100 * EXPECTED_ERROR)}%"
     assert expected_error_text(0.25) == "+-25%"
+
+
+def test_plan_and_estimate_show_the_expected_error():
+    """The plan table and `rayquant estimate` give tokens/s with its +- (not "up to ... a bound")."""
+    from planner.hardware import parse_gpu_spec
+    from planner.plan import JobSpec
+    from planner.search import make_plan
+    from rayquant.planning import estimate
+    from rayquant.report import estimate_text, plan_table
+
+    plan = make_plan("meta-llama/Llama-3.1-8B", parse_gpu_spec("L4"), JobSpec())
+    text = plan_table(plan)
+    assert f"{plan.tokens_per_second:,.0f} tokens/s ({expected_error_text()}" in text
+    assert "up to" not in text.splitlines()[1]
+    result = estimate("meta-llama/Llama-3.1-8B", "L4")
+    assert result["tokens_per_second_error"] == EXPECTED_ERROR
+    assert f"{result['tokens_per_second']:,.0f} tokens/s ({expected_error_text()})" in estimate_text(result)
