@@ -205,12 +205,13 @@ def _setting(r: dict) -> str:
 
 
 def table_text(points: list[dict], fit: dict) -> str:
-    lines = ["| row | setting | predicted tok/s | measured tok/s | error | role |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| source | row | setting | predicted tok/s | measured tok/s | error | role |",
+             "|---|---|---|---|---|---|---|"]
     for role in ("fit", "check"):
         for r, p, e in errors(points, fit, role):
-            lines.append(f"| {r['id']} | {_setting(r)} | {p:,.0f} | {r['measured_tokens_per_second']:,.0f} "
-                         f"| {e:+.0%} | {role} |")
+            source = r["source"].split(" (")[0].split(";")[0]
+            lines.append(f"| {source} | {r['id']} | {_setting(r)} | {p:,.0f} | "
+                         f"{r['measured_tokens_per_second']:,.0f} | {e:+.0%} | {role} |")
     checks = check_errors(points, fit)
     med = statistics.median(abs(e) for e in checks)
     verdict = "meets" if med <= TARGET else "misses"
