@@ -146,7 +146,7 @@ def step_time(model: ModelSpec, gpu: GpuSpec, *, quantization: str, seq_len: int
               fp8_all_gemms: bool = False, fit: Mapping | None = None) -> StepTime:
     """The seconds of one micro-step of one worker, by term.
 
-    `stack` (default from the backend) picks the fixed cost per layer; `fp8_all_gemms` models
+    `stack` (default from the backend) picks the host time per layer; `fp8_all_gemms` models
     torchao's compiled float8 training (all three GEMMs in FP8, casts fused), which rayquant's
     workers do not run: it is there for published rows. `data_parallel` workers all-reduce the
     trainable gradients every micro-step (no accumulation assumed) over `network_gb_per_s` (default:
