@@ -74,6 +74,10 @@ NOISE: tuple[tuple[str, str], ...] = (
     (r"Setting ds_accelerator to \w+", "DeepSpeed log (older)"),
     # datasets/config.py, at INFO in Ray workers (whose root logger is at INFO).
     (r"Disabling Tensorflow because USE_TORCH is set", "datasets log"),
+    # transformers/trainer_utils.py, when TRL's trainer rotates checkpoints saved within a second
+    # of each other (fast CPU steps); rayquant's checkpoints are Ray Train's.
+    (r"mtime may not be reliable on this filesystem, falling back to numerical ordering",
+     "transformers.trainer_utils log"),
     # tqdm progress bars (transformers' "Loading weights" / "Writing model shards", datasets' Map,
     # Hub downloads): forwarded line by line from every worker they are noise; rayquant prints the
     # run's progress itself.
@@ -89,7 +93,8 @@ NOISE: tuple[tuple[str, str], ...] = (
 
 # Loggers that emit a line of NOISE (the filter drops only records whose message matches).
 LOGGERS = ("torch.utils._pytree", "torchao", "bitsandbytes.backends.cpu.ops", "DeepSpeed",
-           "datasets.config", "ray._private.authentication.authentication_token_setup")
+           "datasets.config", "transformers.trainer_utils",
+           "ray._private.authentication.authentication_token_setup")
 
 # (message regex, category) for warnings.filterwarnings; the same warnings are in NOISE.
 WARNINGS: tuple[tuple[str, type[Warning]], ...] = (

@@ -47,6 +47,7 @@ NOISE_SAMPLES = [
     "[2026-12-01 10:47:30,006] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to "
     "CPU. If you have GPU or other accelerator, we were unable to detect it.",
     "Disabling Tensorflow because USE_TORCH is set",
+    "[transformers] mtime may not be reliable on this filesystem, falling back to numerical ordering",
     "\rLoading weights:   0%|          | 0/21 [00:00<?, ?it/s]\rLoading weights: 100%|██████████| 21/21 "
     "[00:00<00:00, 1691.80it/s]",
     "Map: 100%|██████████| 96/96 [00:00<00:00, 1234.56 examples/s]",
@@ -150,6 +151,23 @@ def test_the_workers_get_the_progress_bar_switches(not_verbose):
     assert quiet.worker_env() == {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+def test_the_workers_setup_hook_filters_at_the_source(tmp_path):
+    """rayquant.worker.import_unsloth_first, as Ray runs it in a fresh worker process: Unsloth's
+    import (and the torch, torchao and bitsandbytes imports under it) prints none of its noise,
+    while the process's own lines and real warnings still show."""
+    code = ("import logging, warnings; from rayquant.worker import import_unsloth_first; "
+            "import_unsloth_first(); print('[rayquant] ok'); "
+            "warnings.warn('a real one', UserWarning); "
+            "logging.getLogger('torchao').warning('Failed to load /x/torchao/_C_x.so: gone')")
+    env = {k: v for k, v in os.environ.items() if k != quiet.VERBOSE_ENV}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), *sys.path]), RAYQUANT_BACKEND="unsloth")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "[rayquant] ok\n"
+    assert "UserWarning: a real one" in run.stderr
+    assert [n for n in QUICKSTART_NOISE if n in run.stdout + run.stderr] == [], run.stderr
+
+
 def test_lines_ray_forwards_are_filtered_and_json_sends_them_to_stderr(not_verbose):
     # The dispatcher Ray's driver prints its workers' and actors' lines through.
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -222,4 +240,6 @@ def test_quickstart_shows_rayquants_lines_only_and_json_is_one_document(tmp_path
     assert "[rayquant] step 6/6 (100%)" in run.stderr and "[rayquant] adapter written to" in run.stderr
     worker_lines = [line for line in run.stderr.splitlines() if "RayTrainWorker pid=" in line]
     assert any(n in line for line in worker_lines for n in QUICKSTART_NOISE), run.stderr
+    # The workers' setup hook ran before anything imported transformers (else Unsloth says so).
+    assert "Unsloth should be imported before" not in run.stderr
     assert any(n in run.stderr for n in ("torchao/_C", "_pytree.py", "Token authentication is enabled"))
