@@ -29,8 +29,8 @@ from planner.atomic import write_atomically
 from planner.hardware import CPU_DEVICE
 from planner.plan import JobSpec, TrainingPlan
 from planner.vocab import SettingError
-from rayquant import planning
-from rayquant.cluster import connect, ray_address
+from rayquant import planning, quiet
+from rayquant.cluster import actor_runtime_env, connect, ray_address
 from rayquant.config import (ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, address_problems,
                              calibration_problems, coerce_options, data_problems, plan_problems,
                              python_spelling, render_options)
@@ -40,7 +40,7 @@ from rayquant.models import model_problems, resolve_model, tiny_arch
 # the driver. HF_TOKEN reaches the workers through Ray's runtime env, never a log line.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
                   "HF_TOKEN", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM", "UNSLOTH_DISABLE_CPU_FALLBACK",
-                  "RAYQUANT_CACHE")
+                  "RAYQUANT_CACHE", "RAYQUANT_VERBOSE")
 
 
 class TrainedNothingError(RuntimeError):
@@ -198,6 +198,7 @@ class RayQuantTrainer:
         return f"rayquant-{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     @_python_spelling
+    @quiet.quieted  # the libraries' known noise filtered here and in the workers (rayquant.quiet)
     def fit(self) -> TrainResult:
         """Train on Ray and return the gathered adapter; data problems are raised before Ray starts."""
         checked = self.check()
@@ -233,6 +234,7 @@ class RayQuantTrainer:
         # The workers' environment, set by Ray when it starts their processes (worker_runtime_env).
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(quiet.worker_env())
         env["RAYQUANT_BACKEND"] = plan.node_plans[0].backend
         # Ray Train routes workers' print() to a logger, which leaks the disassembly dill prints
         # into a captured stdout while `datasets` fingerprints TRL's map functions.
@@ -266,8 +268,7 @@ class RayQuantTrainer:
                 checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=run.max_failures),
                 callbacks=[ProgressPrinter()], logging_config=LoggingConfig(log_level="WARNING"),
-                worker_runtime_env={"env_vars": env,
-                                    "worker_process_setup_hook": "rayquant.worker.import_unsloth_first"}))
+                worker_runtime_env=actor_runtime_env(env, "rayquant.worker.import_unsloth_first")))
         t0 = time.perf_counter()
         result = trainer.fit()
         wall_s = time.perf_counter() - t0
