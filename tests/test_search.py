@@ -190,6 +190,29 @@ def test_shares_follow_speed_rather_than_an_exact_but_slow_split():
     assert big.global_batch_size == 516 and not big.warnings
 
 
+def test_shares_are_counts_a_worker_runs_at_the_speed_they_were_split_by():
+    # 512 sequences on 16 H100 + 4 A10G split exactly as 31 per H100 + 4 per A10G, but 31 samples
+    # run only as one micro-batch of 31 (recomputing) or 31 of one: far below the speed the split
+    # assumed. Shares are counts whose micro-batches the worker runs at its predicted speed.
+    from planner.search.assemble import UNCALIBRATED, _node_plan
+    from planner.search.candidates import search_type
+
+    job = JobSpec(global_batch_size=512)
+    plan = make_plan(LLAMA_8B, parse_gpu_spec("2x8xH100-80GB,4x1xA10G"), job)
+    types = [search_type(LLAMA_8B, nt, job, UNCALIBRATED) for nt in parse_gpu_spec("2x8xH100-80GB,4x1xA10G")]
+
+    def step_s(node_plans):
+        return max(p.samples_per_step * job.seq_len / p.tokens_per_second for p in node_plans)
+
+    exact = [_node_plan(LLAMA_8B, t, job, n, UNCALIBRATED) for t, n in zip(types, (31, 4))]
+    assert exact[0].micro_batch_size in (1, 31)  # what an exact but prime share leaves
+    for p, t in zip(plan.node_plans, types):  # each share runs at the speed it was split by
+        assert p.tokens_per_second == pytest.approx(max(t.rates[m] for m in t.rates
+                                                         if p.samples_per_step % m == 0))
+    assert step_s(exact) > 1.25 * step_s(plan.node_plans)
+    assert plan.global_batch_size > 512 and any("the plan uses" in w for w in plan.warnings)
+
+
 # -- properties ----------------------------------------------------------------------------------
 node_type = st.builds(lambda g, per, n: NodeType(gpu=g, gpus_per_node=per, count=n),
                       st.sampled_from(GPUS), st.sampled_from([1, 2, 4, 8]), st.integers(1, 6))

@@ -5,7 +5,7 @@ Identical nodes are grouped (a NodeType), so the search costs the same for 1 nod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from planner.architecture import ModelSpec
@@ -47,6 +47,9 @@ class TypeSearch:
     workers_per_node: int
     best: Candidate | None  # fastest config at the largest micro-batch (for the batch shares)
     notes: Mapping[str, str]
+    # The best tokens/s at each micro-batch the search tries (powers of two, or the pinned one)
+    # that fits: a worker's speed at n samples per step is that of the best micro-batch dividing n.
+    rates: Mapping[int, float] = field(default_factory=dict)
 
 
 def evaluate(model: ModelSpec, nt: NodeType, job: JobSpec, budget: int, quantization: str,
@@ -120,5 +123,10 @@ def search_type(model: ModelSpec, nt: NodeType, job: JobSpec, calibration: Calib
         q = placement_quantizations(quants, placement, nt.gpu)
         best = best_candidate(model, nt, job, budget, q, placement, micro_batches(job), calibration)
         if best is not None:
-            return TypeSearch(nt, budget, q, placement, workers_per_node, best, notes)
+            rates = {}
+            for m in micro_batches(job):
+                c = best_candidate(model, nt, job, budget, q, placement, (m,), calibration)
+                if c is not None:
+                    rates[m] = c.tokens_per_s
+            return TypeSearch(nt, budget, q, placement, workers_per_node, best, notes, rates)
     return TypeSearch(nt, budget, quants, "per-gpu", nt.gpus_per_node, None, notes)
