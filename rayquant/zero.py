@@ -24,10 +24,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from planner.plan import NodePlan, PlanError, TrainingPlan
+from planner.search.policy import ZERO3_QUANTIZATIONS
 
-# Quantizations ZeRO-3 can shard: 16-bit weights, and NF4 packed into 16-bit storage. FP8 weights
-# (float8 tensors with per-row scales) have no ZeRO-3 path in DeepSpeed 0.19.
-ZERO3_QUANTIZATIONS = ("bf16", "fp16", "nf4", "dynamic-4bit")
 # DeepSpeed's own optimizers do not include bitsandbytes' 8-bit AdamW; ZeRO accepts a client
 # optimizer only with `zero_allow_untested_optimizer` (deepspeed/runtime/engine.py).
 _BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")

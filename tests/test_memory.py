@@ -86,6 +86,32 @@ def test_zero3_shards_state(llama8b):
     assert eight.breakdown.weights < one.breakdown.weights / 4
 
 
+def test_zero3_shards_packed_4bit_codes_and_keeps_quant_states_whole():
+    from planner.memory.weights import _quant_state_bytes, head_bytes, layer_groups, weight_bytes
+
+    llama70b = ModelSpec.from_config(dict(LLAMA_8B, hidden_size=8192, num_hidden_layers=80,
+                                          num_attention_heads=64, intermediate_size=28672), name="70b")
+    kw = dict(quantization="nf4", backend="hf", gradient_checkpointing="hf", optimizer="adamw_8bit")
+
+    def weights(n: int) -> int:
+        return estimate_memory(llama70b, gpu(24), num_shards=n, **kw).breakdown.weights
+
+    states = sum(n * _quant_state_bytes(x, "nf4", True) for x, n in layer_groups(llama70b))
+    # No fp32 upcast of the 16-bit parameters under ZeRO-3 (prepare_model_for_kbit_training skipped):
+    # the whole base is the unsloth-backend count, below the hf one.
+    whole = weight_bytes(llama70b, quantization="nf4", double_quant=True, backend="unsloth", protected_bytes=0)
+    assert whole < weight_bytes(llama70b, quantization="nf4", double_quant=True, backend="hf", protected_bytes=0)
+    # What more shards save is the sharded part only: the quant states stay whole on every rank.
+    assert weights(4) - weights(8) == math.ceil((whole - states) / 4) - math.ceil((whole - states) / 8)
+    fixed = weights(8) - math.ceil((whole - states) / 8)
+    assert fixed > states
+    # Beside them: the 16-bit lm_head gathered whole (bigger than a packed 4-bit layer) and a prefetch.
+    assert states + head_bytes(llama70b) < fixed < states + head_bytes(llama70b) + 0.2 * GIB
+    # Per GPU over 4 of 24 GiB: the 4-bit base is about a quarter of the 16-bit one, and fits.
+    bf16 = estimate_memory(llama70b, gpu(24), num_shards=4, **dict(kw, quantization="bf16"))
+    assert weights(4) < bf16.breakdown.weights / 2.5 and weights(4) < 13 * GIB
+
+
 def test_paged_optimizer_moves_large_states_to_host(llama8b):
     kw = dict(quantization="nf4", full_finetune=False, lora_rank=64)
     plain = estimate_memory(llama8b, gpu(80), optimizer="adamw_8bit", **kw)

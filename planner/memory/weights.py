@@ -8,6 +8,7 @@ the FP8 paths only convert the projection linears).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from planner.architecture import LinearShape, ModelSpec
@@ -106,3 +107,46 @@ def weight_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, bac
         upcast = _sixteen_bit_beside_quantized(model, quantization, double_quant) + edges + protected
         weights += upcast * (KBIT_UPCAST_BYTES - SIXTEEN_BIT_BYTES) // SIXTEEN_BIT_BYTES
     return weights
+
+
+# transformers fills DeepSpeed's "auto" stage3_prefetch_bucket_size with 0.9 x hidden_size^2
+# elements (transformers/integrations/deepspeed.py, HfTrainerDeepSpeedConfig.trainer_config_finalize).
+ZERO3_PREFETCH_BUCKET_PER_H2 = 0.9
+
+
+def _quant_state_bytes(linears: Sequence[LinearShape], quantization: str, double_quant: bool) -> int:
+    """Bytes of the QuantStates of one layer's NF4 linears (absmax statistics and code books): all
+    of nf4_tensor_bytes but the packed codes. 0 for the other schemes."""
+    total = 0
+    for x in linears:
+        if linear_scheme(x, quantization) in FOUR_BIT:
+            numel = x.in_features * x.out_features
+            total += x.count * (nf4_tensor_bytes(numel, double_quant) - math.ceil(numel / 2))
+    return total
+
+
+def zero3_weight_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, protected_bytes: int,
+                       num_shards: int) -> int:
+    """The `weights` term of one of `num_shards` ZeRO-3 ranks (the hf backend).
+
+    ZeRO-3 partitions every parameter over the ranks and all-gathers a module's parameters whole
+    just before it runs (deepspeed/runtime/zero/partition_parameters.py). A 4-bit base is loaded with
+    bnb_4bit_quant_storage = the compute dtype (rayquant.zero.bnb_config_kwargs), so its packed NF4
+    codes are a 16-bit Params4bit that ZeRO shards like any other weight; each QuantState (absmax,
+    code books) is an attribute of the parameter, not a parameter, and every rank keeps it whole.
+    No fp32 upcast (KBIT_UPCAST_BYTES): rayquant.loading skips prepare_model_for_kbit_training under
+    ZeRO-3. Per rank: the parameters / num_shards, the quant states, the largest module gathered
+    whole (embedding, lm_head or a decoder layer, as stored: the 16-bit copy bitsandbytes dequantizes
+    one weight at a time is the activations term's dequant_transient_bytes), and the next module's
+    parameters prefetched (at most the prefetch bucket).
+    """
+    # backend "zero3" is not "hf" to weight_bytes: the whole base without the kbit upcast.
+    whole = weight_bytes(model, quantization=quantization, double_quant=double_quant, backend="zero3",
+                         protected_bytes=protected_bytes)
+    states = sum(n * _quant_state_bytes(linears, quantization, double_quant)
+                 for linears, n in layer_groups(model))
+    layers = [layer_weight_bytes(model, linears, quantization, double_quant)
+              - _quant_state_bytes(linears, quantization, double_quant) for linears, _ in layer_groups(model)]
+    largest = max(layers + [embedding_bytes(model), head_bytes(model)])
+    bucket = int(ZERO3_PREFETCH_BUCKET_PER_H2 * model.hidden_size ** 2) * SIXTEEN_BIT_BYTES
+    return math.ceil((whole - states) / num_shards) + states + largest + min(bucket, max(layers))
