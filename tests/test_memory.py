@@ -110,6 +110,10 @@ def test_zero3_shards_packed_4bit_codes_and_keeps_quant_states_whole():
     # Per GPU over 4 of 24 GiB: the 4-bit base is about a quarter of the 16-bit one, and fits.
     bf16 = estimate_memory(llama70b, gpu(24), num_shards=4, **dict(kw, quantization="bf16"))
     assert weights(4) < bf16.breakdown.weights / 2.5 and weights(4) < 13 * GIB
+    # Host RAM: each rank loads the whole 4-bit base there before it is partitioned; a 16-bit base
+    # loads shard by shard under zero.Init.
+    assert estimate_memory(llama70b, gpu(24), num_shards=4, **kw).host_bytes == whole
+    assert bf16.host_bytes == 0
 
 
 def test_paged_optimizer_moves_large_states_to_host(llama8b):

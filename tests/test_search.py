@@ -111,6 +111,7 @@ def test_a_70b_model_trains_as_qlora_with_zero3_on_four_small_gpus():
     assert "QLoRA + ZeRO-3" in p.reasons["quantization"] and "bf16 does not fit even sharded" in p.reasons[
         "quantization"]
     assert "ZeRO-3 over 4 GPUs" in p.reasons["placement"] and "1/4" in p.reasons["placement"]
+    assert "loads whole into host RAM first" in p.reasons["placement"] and p.host_memory_bytes > 30 * 2**30
     assert len(plan.workers) == 4
     # The rayquant face accepts it as one ZeRO-3 group.
     from rayquant.zero import bnb_config_kwargs, zero3_problems

@@ -150,3 +150,13 @@ def zero3_weight_bytes(model: ModelSpec, *, quantization: str, double_quant: boo
     largest = max(layers + [embedding_bytes(model), head_bytes(model)])
     bucket = int(ZERO3_PREFETCH_BUCKET_PER_H2 * model.hidden_size ** 2) * SIXTEEN_BIT_BYTES
     return math.ceil((whole - states) / num_shards) + states + largest + min(bucket, max(layers))
+
+
+def zero3_load_host_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, protected_bytes: int) -> int:
+    """Host RAM a ZeRO-3 rank holds while it loads a 4-bit base: all of it, quantized on the CPU,
+    before it is partitioned (rayquant.zero.partition_quantized_model; transformers builds quantized
+    models without zero.Init). 0 for 16-bit bases, which load under zero.Init shard by shard."""
+    if quantization not in FOUR_BIT:
+        return 0
+    return weight_bytes(model, quantization=quantization, double_quant=double_quant, backend="zero3",
+                        protected_bytes=protected_bytes)

@@ -74,7 +74,9 @@ def reasons(ts: TypeSearch, cfg: Candidate, job: JobSpec, accum: int, samples: i
         "zero3": f"ZeRO-3 over {ts.node_type.num_gpus} GPUs (hf backend): not even a node's GPUs "
                  f"hold the model; each GPU keeps 1/{ts.node_type.num_gpus} of it "
                  f"({cfg.estimate.breakdown.weights / GIB:.1f} GiB of weights with the module being "
-                 "gathered)",
+                 "gathered)" + (f"; the 4-bit base loads whole into host RAM first "
+                                f"({cfg.estimate.host_bytes / GIB:.1f} GiB per worker)"
+                                if cfg.quantization not in SIXTEEN_BIT else ""),
     }[cfg.placement]
     r["safety_margin"] = f"{job.safety_margin:.0%} of {gpu.memory_gib:.1f} GiB kept free"
     return r
