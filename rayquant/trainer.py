@@ -23,14 +23,14 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from planner.atomic import write_atomically
 from planner.hardware import CPU_DEVICE
 from planner.plan import JobSpec, TrainingPlan
 from planner.vocab import SettingError
-from rayquant import planning
-from rayquant.cluster import connect, ray_address
+from rayquant import planning, quiet
+from rayquant.cluster import actor_runtime_env, connect, ray_address
 from rayquant.config import (ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, address_problems,
                              calibration_problems, coerce_options, data_problems, plan_problems,
                              python_spelling, render_options)
@@ -40,7 +40,7 @@ from rayquant.models import model_problems, resolve_model, tiny_arch
 # the driver. HF_TOKEN reaches the workers through Ray's runtime env, never a log line.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
                   "HF_TOKEN", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM", "UNSLOTH_DISABLE_CPU_FALLBACK",
-                  "RAYQUANT_CACHE")
+                  "RAYQUANT_CACHE", "RAYQUANT_VERBOSE")
 
 
 class TrainedNothingError(RuntimeError):
@@ -94,6 +94,9 @@ class RayQuantTrainer:
     lora, sft, scaling, run: mappings or rayquant.config.*Options (see their fields)
     address: Ray address; None: RAY_ADDRESS, else a local cluster (rayquant.cluster.connect)
     calibration: a `rayquant calibrate` file the plan applies (with plan="auto")
+    callbacks: transformers TrainerCallback instances (or classes) added to every worker's
+             SFTTrainer, as `SFTTrainer(callbacks=...)` takes them; they travel to the workers
+             pickled (cloudpickle), so they must not hold locks, open files or GPU tensors
     All problems with the arguments are reported together in one ConfigError.
     """
 
@@ -104,9 +107,10 @@ class RayQuantTrainer:
                  address: str | None = None, calibration: str | None = None,
                  dataset_split: str | None = None, dataset_subset: str | None = None,
                  eval_dataset: Any = None, eval_dataset_split: str | None = None,
-                 eval_dataset_subset: str | None = None) -> None:
+                 eval_dataset_subset: str | None = None, callbacks: Sequence[Any] | None = None) -> None:
         problems = (model_problems(model) + plan_problems(plan)
-                    + calibration_problems(calibration, plan) + address_problems(address))
+                    + calibration_problems(calibration, plan) + address_problems(address)
+                    + callback_problems(callbacks))
         opts = {name: coerce_options(name, value, problems)
                 for name, value in (("lora", lora), ("sft", sft), ("scaling", scaling), ("run", run))}
         for o in opts.values():
@@ -125,6 +129,7 @@ class RayQuantTrainer:
         self.address = address
         self.calibration = calibration
         self.options = _Resolved(**opts)
+        self.callbacks = tuple(callbacks or ())
         self._plan: TrainingPlan | None = None
 
     # -- planning (rayquant.planning, as `rayquant plan` and `rayquant k8s` plan) ----------------
@@ -193,6 +198,7 @@ class RayQuantTrainer:
         return f"rayquant-{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     @_python_spelling
+    @quiet.quieted  # the libraries' known noise filtered here and in the workers (rayquant.quiet)
     def fit(self) -> TrainResult:
         """Train on Ray and return the gathered adapter; data problems are raised before Ray starts."""
         checked = self.check()
@@ -220,7 +226,6 @@ class RayQuantTrainer:
         from rayquant.adapters import build_manifest, gather, write_adapter_dir
         from rayquant.contract import SftSettings, WorkerConfig
         from rayquant.progress import ProgressPrinter
-        from rayquant.worker import fault_injection
 
         if tiny_arch(self.model):
             resolve_model(self.model)  # build tiny models once here, not in every worker
@@ -229,11 +234,11 @@ class RayQuantTrainer:
         # The workers' environment, set by Ray when it starts their processes (worker_runtime_env).
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(quiet.worker_env())
         env["RAYQUANT_BACKEND"] = plan.node_plans[0].backend
         # Ray Train routes workers' print() to a logger, which leaks the disassembly dill prints
         # into a captured stdout while `datasets` fingerprints TRL's map functions.
         env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-        env.update(fault_injection.worker_env(run_dir, plan.num_workers))  # test-only, usually {}
         from rayquant.tracking import tracking_env
 
         env.update(tracking_env(checked.report_to, run_dir))
@@ -251,7 +256,9 @@ class RayQuantTrainer:
         # once for all workers rather than copied into each one's config.
         config = {"worker_config": worker_config.to_json(), "dataset": ray.put(checked.tokens.dataset),
                   "eval_dataset": (ray.put(checked.eval_tokens.dataset) if checked.eval_tokens is not None
-                                   else None)}
+                                   else None),
+                  "callbacks": list(self.callbacks)}
+        _pickle_user_code_by_value(self.callbacks)
         print(f"[rayquant] training {self.model}: {plan.num_workers} workers, {total_steps} steps of "
               f"{plan.global_batch_size} sequences, run {name} in {storage}", flush=True)
         trainer = TorchTrainer(
@@ -261,8 +268,7 @@ class RayQuantTrainer:
                 checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=run.max_failures),
                 callbacks=[ProgressPrinter()], logging_config=LoggingConfig(log_level="WARNING"),
-                worker_runtime_env={"env_vars": env,
-                                    "worker_process_setup_hook": "rayquant.worker.import_unsloth_first"}))
+                worker_runtime_env=actor_runtime_env(env, "rayquant.worker.import_unsloth_first")))
         t0 = time.perf_counter()
         result = trainer.fit()
         wall_s = time.perf_counter() - t0
@@ -296,6 +302,51 @@ class RayQuantTrainer:
         from rayquant.inventory import discover_node_types
 
         return scaling_config_kwargs(plan, discover_node_types(self._ray_address()), cpus_per_worker=cpus)
+
+
+def callback_problems(callbacks) -> list[str]:
+    """What is wrong with `callbacks=`: each must be a transformers TrainerCallback (an instance or
+    the class) that pickles, since it travels to every worker."""
+    if not callbacks:
+        return []
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence):
+        return [f"callbacks: expected a list of transformers TrainerCallbacks, got {type(callbacks).__name__}"]
+    from transformers import TrainerCallback
+
+    problems = []
+    for i, cb in enumerate(callbacks):
+        is_callback = isinstance(cb, TrainerCallback) or (isinstance(cb, type) and issubclass(cb, TrainerCallback))
+        if not is_callback:
+            problems.append(f"callbacks[{i}]: expected a transformers TrainerCallback (instance or class), "
+                            f"got {type(cb).__name__}")
+            continue
+        from ray import cloudpickle
+
+        try:
+            cloudpickle.dumps(cb)
+        except Exception as e:  # what cloudpickle raises for unpicklable state varies by type
+            problems.append(f"callbacks[{i}] ({type(cb).__name__}) cannot travel to the workers: it does not "
+                            f"pickle ({e}); keep locks, open files and handles out of its attributes")
+    return problems
+
+
+def _pickle_user_code_by_value(callbacks) -> None:
+    """Callbacks defined in the user's own files (a script, a test, a project that is not
+    installed) travel to the workers by value: the workers may not import those files by name.
+    Classes from installed packages (site-packages) travel by reference, as usual."""
+    import sys
+    import sysconfig
+
+    from ray import cloudpickle
+
+    installed = {str(Path(sysconfig.get_paths()[k]).resolve()) for k in ("purelib", "platlib")}
+    for cb in callbacks:
+        module = sys.modules.get((cb if isinstance(cb, type) else type(cb)).__module__)
+        where = getattr(module, "__file__", None)
+        if module is None or where is None or module.__name__ == "__main__":
+            continue  # __main__ already travels by value
+        if not any(str(Path(where).resolve()).startswith(p) for p in installed):
+            cloudpickle.register_pickle_by_value(module)
 
 
 def check_trained(gathered, run_dir: Path | str = "") -> None:
@@ -337,4 +388,4 @@ def _train_loop(config: dict) -> None:
 
     worker_config = WorkerConfig.from_json(config["worker_config"])
     train_loop_per_worker(worker_config, config["dataset"], model_path=resolve_model(worker_config.model),
-                          eval_ref=config.get("eval_dataset"))
+                          eval_ref=config.get("eval_dataset"), callbacks=config.get("callbacks", ()))

@@ -326,7 +326,8 @@ def test_planner_picks_4bit_zero3_when_16bit_shards_do_not_fit(tiny_llama_dir):
     p = plan.node_plans[0]
     assert (p.placement, p.backend, p.quantization, p.compute_dtype) == ("zero3", "hf", "dynamic-4bit",
                                                                         "bfloat16")
-    assert "so ZeRO-3 shards it (QLoRA + ZeRO-3)" in p.reasons["quantization"]
+    assert "so ZeRO-3 shards them (QLoRA + ZeRO-3)" in p.reasons["quantization"]
+    assert "(does not fit: " in p.reasons["quantization"]  # the 16-bit scheme, sharded too
     assert zero3_problems(plan) == []
     assert bnb_config_kwargs(p)["bnb_4bit_quant_storage"] == "bfloat16"
     # Why: the 16-bit shards of the same configuration exceed the budget, the 4-bit ones do not.

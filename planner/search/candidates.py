@@ -16,7 +16,7 @@ from planner.memory import MemoryEstimate, budget_bytes, estimate_memory
 from planner.plan import JobSpec, PlanError
 from planner.search.policy import (allowed_quantizations, backend_for, better, checkpointing_modes,
                                    micro_batches, placement_quantizations, placements)
-from planner.throughput import tokens_per_second
+from planner.throughput import NETWORK_GB_PER_S, tokens_per_second
 from planner.vocab import OPTIMIZERS
 
 
@@ -78,10 +78,15 @@ def evaluate(model: ModelSpec, nt: NodeType, job: JobSpec, budget: int, quantiza
     peak = calibrated_peak_bytes(est, calibration.memory_factor(gpu.name, quantization), peak)
     if peak > budget:
         return None
+    # Data-parallel workers of this type all-reduce their adapters' gradients (ZeRO-3 counts its
+    # own traffic); over the cluster network once they span nodes.
+    workers = 1 if placement == "zero3" else nt.count * (nt.gpus_per_node if placement == "per-gpu" else 1)
     tps = tokens_per_second(model, gpu, quantization=quantization, seq_len=job.seq_len,
                             micro_batch_size=micro, lora_rank=job.lora_rank,
                             lora_targets=job.lora_targets, full_finetune=job.full_finetune,
-                            gradient_checkpointing=ckpt, num_shards=shards)
+                            gradient_checkpointing=ckpt, num_shards=shards, backend=backend,
+                            optimizer=optimizer, data_parallel=workers,
+                            network_gb_per_s=NETWORK_GB_PER_S if nt.count > 1 else None)
     tps *= calibration.throughput_factor(gpu.name, quantization)
     return Candidate(quantization, optimizer, ckpt, micro, placement, backend, est, peak, tps, device_map)
 
