@@ -116,6 +116,23 @@ def test_zero3_shards_packed_4bit_codes_and_keeps_quant_states_whole():
     assert bf16.host_bytes == 0
 
 
+def test_zero3_keeps_the_last_layers_gathered_when_their_reuse_is_near(llama8b):
+    # DeepSpeed keeps parameters reused within 1e9 elements of the module trace. Llama-8B's lm_head
+    # (0.53e9 elements) leaves room for the last few 4-bit layers (55e6 packed elements each, reused
+    # after the head and the layers between, twice) to stay gathered into the backward.
+    from planner.memory.weights import _quant_state_bytes, head_bytes, layer_groups, layer_weight_bytes, weight_bytes
+
+    (linears, _), = layer_groups(llama8b)
+    layer = layer_weight_bytes(llama8b, linears, "nf4", True) - _quant_state_bytes(linears, "nf4", True)
+    states = llama8b.num_layers * _quant_state_bytes(linears, "nf4", True)
+    whole = weight_bytes(llama8b, quantization="nf4", double_quant=True, backend="unsloth", protected_bytes=0)
+    w = estimate_memory(llama8b, gpu(24), quantization="nf4", backend="hf", gradient_checkpointing="hf",
+                        num_shards=4).breakdown.weights
+    gathered = w - math.ceil((whole - states) / 4) - states
+    kept = (gathered - head_bytes(llama8b)) / layer
+    assert 5 <= kept < 6  # 5 layers kept, plus a prefetch smaller than one layer
+
+
 def test_paged_optimizer_moves_large_states_to_host(llama8b):
     kw = dict(quantization="nf4", full_finetune=False, lora_rank=64)
     plain = estimate_memory(llama8b, gpu(80), optimizer="adamw_8bit", **kw)

@@ -112,6 +112,10 @@ def weight_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, bac
 # transformers fills DeepSpeed's "auto" stage3_prefetch_bucket_size with 0.9 x hidden_size^2
 # elements (transformers/integrations/deepspeed.py, HfTrainerDeepSpeedConfig.trainer_config_finalize).
 ZERO3_PREFETCH_BUCKET_PER_H2 = 0.9
+# DeepSpeed keeps a module's parameters gathered after it runs when they are used again within the
+# next stage3_max_reuse_distance elements of the module trace (default 1e9, deepspeed/runtime/zero/
+# config.py; partitioned_param_coordinator.py __params_to_release). rayquant.zero leaves it default.
+ZERO3_MAX_REUSE_DISTANCE = 10**9
 
 
 def _quant_state_bytes(linears: Sequence[LinearShape], quantization: str, double_quant: bool) -> int:
@@ -138,7 +142,9 @@ def zero3_weight_bytes(model: ModelSpec, *, quantization: str, double_quant: boo
     ZeRO-3. Per rank: the parameters / num_shards, the quant states, the largest module gathered
     whole (embedding, lm_head or a decoder layer, as stored: the 16-bit copy bitsandbytes dequantizes
     one weight at a time is the activations term's dequant_transient_bytes), and the next module's
-    parameters prefetched (at most the prefetch bucket).
+    parameters prefetched (at most the prefetch bucket). Where the forward turns into the backward,
+    the lm_head is gathered together with the last decoder layers whose reuse (their backward, after
+    the head and the layers between them, twice) lies within ZERO3_MAX_REUSE_DISTANCE elements.
     """
     # backend "zero3" is not "hf" to weight_bytes: the whole base without the kbit upcast.
     whole = weight_bytes(model, quantization=quantization, double_quant=double_quant, backend="zero3",
@@ -147,9 +153,15 @@ def zero3_weight_bytes(model: ModelSpec, *, quantization: str, double_quant: boo
                  for linears, n in layer_groups(model))
     layers = [layer_weight_bytes(model, linears, quantization, double_quant)
               - _quant_state_bytes(linears, quantization, double_quant) for linears, _ in layer_groups(model)]
-    largest = max(layers + [embedding_bytes(model), head_bytes(model)])
+    head, layer = head_bytes(model), max(layers)
+    largest = max(layer, embedding_bytes(model), head)
+    # Elements are of the 16-bit storage (packed 4-bit codes included): bytes / 2.
+    window = ZERO3_MAX_REUSE_DISTANCE - head // SIXTEEN_BIT_BYTES
+    kept = 0 if window <= 0 else min(model.num_layers,
+                                     (window - 1) // (2 * layer // SIXTEEN_BIT_BYTES) + 1)
     bucket = int(ZERO3_PREFETCH_BUCKET_PER_H2 * model.hidden_size ** 2) * SIXTEEN_BIT_BYTES
-    return math.ceil((whole - states) / num_shards) + states + largest + min(bucket, max(layers))
+    return (math.ceil((whole - states) / num_shards) + states + max(largest, head + kept * layer)
+            + min(bucket, layer))
 
 
 def zero3_load_host_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, protected_bytes: int) -> int:
