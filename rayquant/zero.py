@@ -160,9 +160,10 @@ def partition_quantized_model(model) -> dict[str, int]:
     first hold the whole 4-bit base on its GPU; the engine then moves a module that is not
     zero-initialized to the device whole (deepspeed/runtime/engine.py _configure_distributed_model)
     before partitioning it. A 70B base is ~40 GB in 4-bit: more than a 24 GB GPU. Loaded on the CPU
-    instead (zero3_suspended), `Init(module=...)` moves each parameter alone to the device and keeps this rank's
-    shard of it (partition_parameters.py _convert_to_zero_parameters), and the engine leaves a
-    partitioned module where it is. QuantStates and buffers are no parameters: they follow here.
+    instead (zero3_suspended), `Init(module=...)` moves each parameter alone to the device and keeps
+    this rank's shard of it (partition_parameters.py _convert_to_zero_parameters), and the engine
+    leaves a partitioned module where it is. QuantStates and buffers are no parameters: they follow
+    here. Not yet run on a GPU (the CPU tests cover the same calls with the CPU as the device).
     Returns what this rank now holds: `zero3_base_bytes` (every base parameter whole) and
     `zero3_shard_bytes` (its shards of them), for the manifest.
     """
