@@ -109,3 +109,17 @@ def test_plan_and_estimate_take_a_calibration_file(tmp_path):
     bad = CliRunner().invoke(main, ["plan", "-m", "meta-llama/Llama-3.1-8B", "--gpus", "H100-80GB",
                                     "--calibration", str(tmp_path / "missing.json")])
     assert bad.exit_code != 0 and "does not exist" in bad.output and "Traceback" not in bad.output
+
+
+def test_plan_a_70b_model_on_four_single_a10g_nodes():
+    # QLoRA + ZeRO-3 (issue 15): 4 x 24 GB hold Llama-3.3-70B only as 4-bit shards.
+    args = ["plan", "--model", "meta-llama/Llama-3.3-70B-Instruct", "--gpus", "4x1xA10G"]
+    r = CliRunner().invoke(main, args + ["--seq-len", "1024", "--json"])
+    assert r.exit_code == 0, r.output
+    node = json.loads(r.output)["node_plans"][0]
+    assert (node["placement"], node["backend"], node["quantization"]) == ("zero3", "hf", "dynamic-4bit")
+    assert "QLoRA + ZeRO-3" in node["reasons"]["quantization"]
+    # At 2048 tokens it misses by a little: exit 2, the sharded need and a length that fits, no traceback.
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "ZeRO-3 over 4 GPUs" in r.output and "--seq-len" in r.output and "fits)" in r.output

@@ -86,6 +86,53 @@ def test_zero3_shards_state(llama8b):
     assert eight.breakdown.weights < one.breakdown.weights / 4
 
 
+def test_zero3_shards_packed_4bit_codes_and_keeps_quant_states_whole():
+    from planner.memory.weights import _quant_state_bytes, head_bytes, layer_groups, weight_bytes
+
+    llama70b = ModelSpec.from_config(dict(LLAMA_8B, hidden_size=8192, num_hidden_layers=80,
+                                          num_attention_heads=64, intermediate_size=28672), name="70b")
+    kw = dict(quantization="nf4", backend="hf", gradient_checkpointing="hf", optimizer="adamw_8bit")
+
+    def weights(n: int) -> int:
+        return estimate_memory(llama70b, gpu(24), num_shards=n, **kw).breakdown.weights
+
+    states = sum(n * _quant_state_bytes(x, "nf4", True) for x, n in layer_groups(llama70b))
+    # No fp32 upcast of the 16-bit parameters under ZeRO-3 (prepare_model_for_kbit_training skipped):
+    # the whole base is the unsloth-backend count, below the hf one.
+    whole = weight_bytes(llama70b, quantization="nf4", double_quant=True, backend="unsloth", protected_bytes=0)
+    assert whole < weight_bytes(llama70b, quantization="nf4", double_quant=True, backend="hf", protected_bytes=0)
+    # What more shards save is the sharded part only: the quant states stay whole on every rank.
+    assert weights(4) - weights(8) == math.ceil((whole - states) / 4) - math.ceil((whole - states) / 8)
+    fixed = weights(8) - math.ceil((whole - states) / 8)
+    assert fixed > states
+    # Beside them: the 16-bit lm_head gathered whole (bigger than a packed 4-bit layer) and a prefetch.
+    assert states + head_bytes(llama70b) < fixed < states + head_bytes(llama70b) + 0.2 * GIB
+    # Per GPU over 4 of 24 GiB: the 4-bit base is about a quarter of the 16-bit one, and fits.
+    bf16 = estimate_memory(llama70b, gpu(24), num_shards=4, **dict(kw, quantization="bf16"))
+    assert weights(4) < bf16.breakdown.weights / 2.5 and weights(4) < 13 * GIB
+    # Host RAM: each rank loads the whole 4-bit base there before it is partitioned; a 16-bit base
+    # loads shard by shard under zero.Init.
+    assert estimate_memory(llama70b, gpu(24), num_shards=4, **kw).host_bytes == whole
+    assert bf16.host_bytes == 0
+
+
+def test_zero3_keeps_the_last_layers_gathered_when_their_reuse_is_near(llama8b):
+    # DeepSpeed keeps parameters reused within 1e9 elements of the module trace. Llama-8B's lm_head
+    # (0.53e9 elements) leaves room for the last few 4-bit layers (55e6 packed elements each, reused
+    # after the head and the layers between, twice) to stay gathered into the backward.
+    from planner.memory.weights import _quant_state_bytes, head_bytes, layer_groups, layer_weight_bytes, weight_bytes
+
+    (linears, _), = layer_groups(llama8b)
+    layer = layer_weight_bytes(llama8b, linears, "nf4", True) - _quant_state_bytes(linears, "nf4", True)
+    states = llama8b.num_layers * _quant_state_bytes(linears, "nf4", True)
+    whole = weight_bytes(llama8b, quantization="nf4", double_quant=True, backend="unsloth", protected_bytes=0)
+    w = estimate_memory(llama8b, gpu(24), quantization="nf4", backend="hf", gradient_checkpointing="hf",
+                        num_shards=4).breakdown.weights
+    gathered = w - math.ceil((whole - states) / 4) - states
+    kept = (gathered - head_bytes(llama8b)) / layer
+    assert 5 <= kept < 6  # 5 layers kept, plus a prefetch smaller than one layer
+
+
 def test_paged_optimizer_moves_large_states_to_host(llama8b):
     kw = dict(quantization="nf4", full_finetune=False, lora_rank=64)
     plain = estimate_memory(llama8b, gpu(80), optimizer="adamw_8bit", **kw)

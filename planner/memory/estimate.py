@@ -7,7 +7,8 @@
   activations  planner.memory.activations.activations(...).gpu_bytes
   logits       planner.memory.logits.logit_bytes
   overhead     planner.memory.overhead: context_bytes + workspace_bytes + slack_bytes
-  host RAM     host_bytes below (offloaded activations, paged optimizer states)
+  host RAM     host_bytes below (offloaded activations, paged optimizer states); under ZeRO-3 at
+               least a 4-bit base loaded whole (weights.zero3_load_host_bytes)
 
 Each models what the real stack allocates (Unsloth or plain HF + PEFT + bitsandbytes + TRL), read
 from their source in site-packages; nothing is fitted to measurements. Sizes are bytes.
@@ -26,7 +27,7 @@ from planner.memory.overhead import context_bytes, slack_bytes, workspace_bytes
 from planner.memory.trainable import (adapter_bytes, gradient_bytes, layer_lora_tensors, optimizer_bytes,
                                       state_bytes_per_param, trainable_tensors)
 from planner.memory.weights import (embedding_bytes, layer_groups, layer_norm_params, layer_weight_bytes,
-                                    weight_bytes)
+                                    weight_bytes, zero3_load_host_bytes, zero3_weight_bytes)
 from planner.architecture import ModelSpec
 from planner.plan import MemoryBreakdown, PlanError
 from planner.tensor_bytes import sixteen_bit_bytes
@@ -117,8 +118,9 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Peak memory of one worker for one fixed configuration.
 
-    `num_shards` > 1 models ZeRO-3: weights, gradients and optimizer states are split over that many
-    GPUs, plus one layer's gathered 16-bit weights (DeepSpeed all-gathers a layer before using it).
+    `num_shards` > 1 models ZeRO-3 (the hf backend): weights, adapters, gradients and optimizer states
+    are split over that many GPUs, plus the module DeepSpeed gathers whole before using it; 4-bit
+    weights are sharded as packed codes in 16-bit storage (weights.zero3_weight_bytes).
     `protected_bytes` is what dynamic 4-bit spends keeping sensitive modules in 16-bit.
     """
     if seq_len < 1 or micro_batch_size < 1:
@@ -140,11 +142,13 @@ def estimate_memory(
     adapters = adapter_bytes(trainable, full_finetune)
     gradients = gradient_bytes(trainable, full_finetune)
     opt, paged = optimizer_bytes(tensors, optimizer, full_finetune)
+    loading = 0  # host RAM held only while the base loads, before training starts
     if num_shards > 1:
-        # ZeRO-3 splits the persistent state and gathers one layer's 16-bit weights at a time.
-        gathered = max(layer_weight_bytes(model, linears, quantization, double_quant)
-                       for linears, _ in layer_groups(model))
-        weights = math.ceil(weights / num_shards) + gathered
+        loading = zero3_load_host_bytes(model, quantization=quantization, double_quant=double_quant,
+                                        protected_bytes=protected_bytes)
+        # ZeRO-3 splits the persistent state and gathers one module's weights at a time.
+        weights = zero3_weight_bytes(model, quantization=quantization, double_quant=double_quant,
+                                     protected_bytes=protected_bytes, num_shards=num_shards)
         adapters, gradients, opt, paged = (math.ceil(x / num_shards)
                                            for x in (adapters, gradients, opt, paged))
 
@@ -163,7 +167,7 @@ def estimate_memory(
     return MemoryEstimate(
         breakdown=breakdown,
         peak_bytes=breakdown.total,
-        host_bytes=int(host_bytes(decoder, paged)),
+        host_bytes=int(max(host_bytes(decoder, paged), loading)),
         capacity_bytes=int(gpu.memory_bytes),
         trainable_params=int(trainable),
         module_bytes=_module_bytes(model, quantization=quantization, double_quant=double_quant,

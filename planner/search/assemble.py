@@ -11,7 +11,7 @@ from planner.model import load_model_spec
 from planner.plan import JobSpec, NodePlan, PlanError, TrainingPlan, WorkerAssignment
 from planner.search.batching import distribute, divisors, pacing_warnings
 from planner.search.candidates import TypeSearch, best_candidate, search_type
-from planner.search.policy import MAX_MICRO_BATCH, better
+from planner.search.policy import MAX_MICRO_BATCH, better, compute_dtype
 from planner.search.reasons import reasons, shortfall
 
 # No calibration file: every factor is 1.0 (Calibration's rule where it has no measurement).
@@ -37,7 +37,7 @@ def _node_plan(spec: ModelSpec, ts: TypeSearch, job: JobSpec, samples: int,
     return NodePlan(
         node_type=nt.key, gpu=nt.gpu.name, nodes=nt.count, gpus_per_node=nt.gpus_per_node,
         quantization=cfg.quantization,
-        compute_dtype="bfloat16" if nt.gpu.supports_bf16 or nt.gpu.is_cpu else "float16",
+        compute_dtype=compute_dtype(nt.gpu),
         micro_batch_size=cfg.micro_batch, gradient_accumulation_steps=accum,
         optimizer=cfg.optimizer, gradient_checkpointing=cfg.checkpointing,
         placement=cfg.placement, backend=cfg.backend, workers_per_node=ts.workers_per_node,

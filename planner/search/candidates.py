@@ -120,7 +120,7 @@ def search_type(model: ModelSpec, nt: NodeType, job: JobSpec, calibration: Calib
     budget = budget_bytes(nt.gpu.memory_bytes, job.safety_margin)
     quants, notes = allowed_quantizations(model, nt.gpu, job)
     for placement, workers_per_node in placements(nt):
-        q = placement_quantizations(quants, placement, nt.gpu)
+        q = placement_quantizations(quants, placement)
         best = best_candidate(model, nt, job, budget, q, placement, micro_batches(job), calibration)
         if best is not None:
             rates = {}
