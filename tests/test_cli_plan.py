@@ -97,7 +97,7 @@ def test_plan_and_estimate_take_a_calibration_file(tmp_path):
                     measured_tokens_per_second=500.0)
     path = tmp_path / "cal.json"
     Calibration((m,)).save(path)
-    base_args = ["estimate", "-m", "meta-llama/Llama-3.1-8B", "-g", "H100", "--json"]
+    base_args = ["estimate", "-m", "meta-llama/Llama-3.1-8B", "-g", "H100-80GB", "--json"]
     base = json.loads(CliRunner().invoke(main, base_args).output)
     cal = json.loads(CliRunner().invoke(main, base_args + ["--calibration", str(path)]).output)
     assert cal["calibration"]["memory_factor"] == pytest.approx(1.5)
