@@ -23,9 +23,9 @@ from planner.hardware import GpuSpec
 from planner.memory.activations import Activations, activations
 from planner.memory.logits import logit_bytes
 from planner.memory.overhead import context_bytes, slack_bytes, workspace_bytes
-from planner.memory.trainable import (adapter_bytes, gradient_bytes, layer_lora_tensors, optimizer_bytes,
-                                      state_bytes_per_param, trainable_tensors)
-from planner.memory.weights import (embedding_bytes, layer_groups, layer_norm_params, layer_weight_bytes,
+from planner.memory.trainable import (adapter_bytes, gradient_bytes, layer_trainable_tensors, optimizer_bytes,
+                                      state_bytes, trainable_tensors)
+from planner.memory.weights import (embedding_bytes, layer_groups, layer_weight_bytes,
                                     weight_bytes)
 from planner.architecture import ModelSpec
 from planner.plan import MemoryBreakdown, PlanError
@@ -78,15 +78,17 @@ def _module_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, ta
     """Per-module bytes for the layer map (no sharding: the map is only used without ZeRO-3):
     each module's weights, the state of its trainable parameters and what it keeps for backward;
     lm_head carries the loss's logits."""
-    state = state_bytes_per_param(full_finetune, optimizer)
+    def state(tensors: list[int]) -> int:
+        return state_bytes(tensors, full_finetune, optimizer)
+
     embed_params = model.vocab_size * model.hidden_size
     head_params = 0 if model.tie_word_embeddings else embed_params
-    out = {"model.embed_tokens": embedding_bytes(model) + (state * embed_params if full_finetune else 0)}
+    out = {"model.embed_tokens": embedding_bytes(model) + (state([embed_params]) if full_finetune else 0)}
     index = 0
     for linears, n_layers in layer_groups(model):
-        trained = (sum(x.params for x in linears) + layer_norm_params(model) if full_finetune
-                   else sum(layer_lora_tensors(linears, targets, lora_rank)))
-        per = int(layer_weight_bytes(model, linears, quantization, double_quant) + state * trained
+        trained = layer_trainable_tensors(model, linears, targets=targets, lora_rank=lora_rank,
+                                          full_finetune=full_finetune)
+        per = int(layer_weight_bytes(model, linears, quantization, double_quant) + state(trained)
                   + kept_per_layer)
         for _ in range(n_layers):
             out[f"model.layers.{index}"] = per
@@ -94,7 +96,7 @@ def _module_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, ta
     out["model.norm"] = sixteen_bit_bytes(model.hidden_size)
     out["model.rotary_emb"] = 0
     out["lm_head"] = int(sixteen_bit_bytes(head_params) + logits
-                         + (state * head_params if full_finetune else 0))
+                         + (state([head_params]) if full_finetune and head_params else 0))
     return out
 
 
