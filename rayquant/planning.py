@@ -122,7 +122,11 @@ def estimate(model: str, gpu: str, *, quantization: str = "nf4", double_quant: b
                   micro_batch_size=micro_batch_size, lora_rank=lora_rank, lora_targets=lora_targets,
                   full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing,
                   optimizer=optimizer)
-    est = planner.estimate_memory(spec, device, seq_len=seq_len, **config)
+    from planner.memory import estimate_with_protection
+    from planner.memory.protected import by_error_reason
+
+    est, protection = estimate_with_protection(spec, device, safety_margin=JobSpec.safety_margin,
+                                               seq_len=seq_len, **config)
     longest = planner.max_seq_len(spec, device, **config)
     tps = planner.tokens_per_second(spec, device, quantization=quantization, seq_len=seq_len,
                                     micro_batch_size=micro_batch_size, lora_rank=lora_rank,
@@ -148,4 +152,16 @@ def estimate(model: str, gpu: str, *, quantization: str = "nf4", double_quant: b
         "breakdown_bytes": est.breakdown.as_dict(), "host_memory_bytes": est.host_bytes,
         "trainable_params": est.trainable_params, "fits": peak <= device.memory_bytes,
         "max_seq_len": longest, "tokens_per_second": tps, "calibration": factors, "notes": notes,
+        "protected": None if protection is None else _protected_dict(protection, by_error_reason(protection)),
     }
+
+
+def _protected_dict(protection, by_error: tuple[int, int]) -> dict[str, Any]:
+    """Dynamic 4-bit's protected modules as `estimate` reports them: each module with its bytes and
+    why, the budget (what the configuration leaves under the safety margin) and the total."""
+    count, nbytes = by_error
+    return {"budget_bytes": protection.budget_bytes, "cost_bytes": protection.cost_bytes,
+            "candidates": protection.candidates,
+            "modules": [{"name": n, "bytes": protection.module_bytes[n], "why": protection.reasons[n]}
+                        for n in protection.protected],
+            "picked_by_error": {"count": count, "bytes": nbytes}}

@@ -113,4 +113,22 @@ def estimate_text(result: dict) -> str:
              f"{result['max_seq_len']}; host RAM: {gib(result['host_memory_bytes'])} GiB; predicted "
              f"{result['tokens_per_second']:,.0f} tokens/s; trainable parameters: "
              f"{result['trainable_params']:,}"]
+    prot = result.get("protected")
+    if prot is not None:
+        lines.append(_protected_text(prot))
     return "\n".join(lines + [f"note: {n}" for n in result["notes"]])
+
+
+def _protected_text(prot: dict) -> str:
+    """Dynamic 4-bit's protected modules: the edge layers' by name, the rest summed (which ones the
+    worker picks by their measured NF4 error)."""
+    edges = [m for m in prot["modules"] if m["why"].endswith("decoder layer")]
+    head = (f"\nprotected 16-bit modules: {len(prot['modules'])} of {prot['candidates']}, "
+            f"{gib(prot['cost_bytes'])} GiB (in `weights` and the peak) of {gib(prot['budget_bytes'])} "
+            "GiB left free under the safety margin")
+    rows = [[m["name"], m["why"], f"{m['bytes'] / 2**20:,.1f}"] for m in edges]
+    picked = prot["picked_by_error"]
+    if picked["count"]:
+        rows.append([f"{picked['count']} more modules", "picked by measured NF4 error when the worker loads",
+                     f"{picked['bytes'] / 2**20:,.1f}"])
+    return head + ("\n" + table(["module", "why", "MiB"], rows, right={2}) if rows else "")

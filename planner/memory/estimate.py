@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 from planner.hardware import GpuSpec
 from planner.memory.activations import Activations, activations
 from planner.memory.logits import logit_bytes
+from planner.memory.protected import Protection, planned_protection
 from planner.memory.overhead import context_bytes, slack_bytes, workspace_bytes
 from planner.memory.trainable import (adapter_bytes, gradient_bytes, layer_trainable_tensors, optimizer_bytes,
                                       state_bytes, trainable_tensors)
@@ -203,3 +204,21 @@ def max_seq_len(model: ModelSpec, gpu: GpuSpec, *, safety_margin: float = 0.0,
         else:
             hi = mid
     return lo
+
+
+def estimate_with_protection(model: ModelSpec, gpu: GpuSpec, *, safety_margin: float,
+                             **config) -> tuple[MemoryEstimate, Protection | None]:
+    """estimate_memory with dynamic 4-bit's protected modules priced in: the worker may spend what
+    the configuration leaves free under the budget (memory less `safety_margin`) on them, so the
+    peak includes what the shared rule (planner.memory.protected) buys with it and never passes the
+    budget. Other schemes: the plain estimate and None."""
+    config.pop("protected_bytes", None)
+    base = estimate_memory(model, gpu, **config)
+    if config.get("quantization", "dynamic-4bit") != "dynamic-4bit":
+        return base, None
+    spare = budget_bytes(gpu.memory_bytes, safety_margin) - base.peak_bytes
+    protection = planned_protection(model, spare, double_quant=config.get("double_quant", True),
+                                    backend=config.get("backend", "unsloth"))
+    if not protection.cost_bytes:
+        return base, protection
+    return estimate_memory(model, gpu, protected_bytes=protection.cost_bytes, **config), protection

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from planner.architecture import ModelSpec
 from planner.calibration import Calibration
 from planner.hardware import NodeType, fp8_path_for
+from planner.memory.protected import planned_protection
 from planner.model import load_model_spec
 from planner.plan import JobSpec, NodePlan, PlanError, TrainingPlan, WorkerAssignment
 from planner.search.batching import distribute, divisors, pacing_warnings
@@ -28,6 +30,15 @@ def _node_plan(spec: ModelSpec, ts: TypeSearch, job: JobSpec, samples: int,
         cfg = ts.best
         samples = cfg.micro_batch * max(1, round(samples / cfg.micro_batch))
     accum = samples // cfg.micro_batch
+    # Dynamic 4-bit may spend what the plan leaves free keeping sensitive modules unquantized: the
+    # peak and the weights include what the shared rule buys (planner.memory.protected), and the
+    # budget, margin included, still holds.
+    spare = max(0, ts.budget - cfg.peak_bytes) if cfg.quantization == "dynamic-4bit" else 0
+    protected = planned_protection(spec, spare, double_quant=job.double_quant,
+                                   backend=cfg.backend).cost_bytes if spare else 0
+    breakdown = cfg.estimate.breakdown
+    if protected:
+        breakdown = dataclasses.replace(breakdown, weights=breakdown.weights + protected)
     return NodePlan(
         node_type=nt.key, gpu=nt.gpu.name, nodes=nt.count, gpus_per_node=nt.gpus_per_node,
         quantization=cfg.quantization,
@@ -36,13 +47,11 @@ def _node_plan(spec: ModelSpec, ts: TypeSearch, job: JobSpec, samples: int,
         optimizer=cfg.optimizer, gradient_checkpointing=cfg.checkpointing,
         placement=cfg.placement, backend=cfg.backend, workers_per_node=ts.workers_per_node,
         gpus_per_worker=nt.gpus_per_node if cfg.placement == "node-spanning" else 1,
-        peak_memory_bytes=cfg.peak_bytes, memory_budget_bytes=ts.budget,
-        breakdown=cfg.estimate.breakdown, tokens_per_second=cfg.tokens_per_s,
+        peak_memory_bytes=cfg.peak_bytes + protected, memory_budget_bytes=ts.budget,
+        breakdown=breakdown, tokens_per_second=cfg.tokens_per_s,
         reasons=reasons(ts, cfg, job, accum, samples), double_quant=job.double_quant,
         fp8_path=fp8_path_for(nt.gpu.compute_capability) if cfg.quantization == "fp8" else None,
-        # Dynamic 4-bit may spend what the plan leaves free keeping sensitive modules 16-bit.
-        protected_budget_bytes=(max(0, ts.budget - cfg.peak_bytes) if cfg.quantization == "dynamic-4bit"
-                                else 0),
+        protected_budget_bytes=spare,
         device_map=cfg.device_map, host_memory_bytes=cfg.estimate.host_bytes)
 
 
