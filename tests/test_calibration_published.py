@@ -82,9 +82,10 @@ def _litgpt_bytes(i: int) -> tuple[float, float, float]:
     est = estimate_memory(model, lookup_gpu("A100-40GB"), quantization=LITGPT_QUANT[row["method"]],
                           double_quant="double quant" in row["method"], backend="hf", seq_len=seq,
                           micro_batch_size=b, lora_rank=8, lora_targets=("q_proj", "v_proj"),
-                          gradient_checkpointing="none", optimizer="adamw_torch")
+                          gradient_checkpointing="none", optimizer="adamw_torch", kbit_upcast=False)
     tokens = seq * b
-    # LitGPT differs from the hf backend in two documented ways (litgpt/finetune/lora.py, lora.py):
+    # LitGPT quantizes with bitsandbytes itself and never runs peft's prepare_model_for_kbit_training
+    # (kbit_upcast=False: no fp32 norms, embedding or head). It differs from the hf backend in two more ways (litgpt/finetune/lora.py, lora.py):
     # chunked_cross_entropy keeps the bf16 logits plus each chunk's fp32 log-softmax (6 B/logit,
     # not 14), and lora_dropout=0.05 on the fused qkv input keeps a 16-bit output and a bool mask
     # (3 B x h per token and layer).

@@ -37,11 +37,47 @@ def test_checkpointing_modes_order_and_offload(llama8b):
     kw = dict(quantization="nf4", seq_len=4096, micro_batch_size=2)
     none, hf, uns = (estimate_memory(llama8b, gpu(80), gradient_checkpointing=m, **kw)
                      for m in ("none", "hf", "unsloth"))
-    # Unsloth's offload copies layer inputs to host RAM, yet the H200 run measured them still on
-    # the GPU (planner/memory/activations.py), so "unsloth" plans like "hf" on the GPU and adds the host copy.
-    assert none.breakdown.activations > hf.breakdown.activations == uns.breakdown.activations
-    assert uns.host_bytes == llama8b.num_layers * 2 * 4096 * 2 * llama8b.hidden_size
+    layer_input = 2 * 4096 * 2 * llama8b.hidden_size  # b x s x h, 16-bit: 32 MiB, over the 2 MiB cutoff
+    # Unsloth offloads every layer input to pinned host RAM (power-of-two blocks, plus its 200
+    # initial 256 KiB slots); the GPU keeps the last layer's input and two staging buffers.
+    assert none.breakdown.activations > hf.breakdown.activations > uns.breakdown.activations
+    # hf: every layer's input + the embedding output + the final norm's input; unsloth: the last
+    # layer's input, two staging buffers and the final norm's input.
+    assert (hf.breakdown.activations - uns.breakdown.activations
+            == (llama8b.num_layers + 2 - 4) * layer_input)
+    assert uns.host_bytes == 200 * 256 * 1024 + llama8b.num_layers * layer_input  # 32 MiB is a power of two
     assert hf.host_bytes == 0 and none.host_bytes == 0
+
+
+def test_unsloth_offload_cutoff_and_pinned_rounding(llama8b):
+    from planner.memory.activations import unsloth_offload_host_bytes
+    # 256 tokens x 4096 x 2 B = 2 MiB: not over MINIMUM_SIZE, so the inputs stay on the GPU.
+    small = dict(quantization="nf4", seq_len=256, micro_batch_size=1)
+    hf, uns = (estimate_memory(llama8b, gpu(80), gradient_checkpointing=m, **small) for m in ("hf", "unsloth"))
+    assert uns.breakdown.activations == hf.breakdown.activations
+    assert uns.host_bytes == 200 * 256 * 1024
+    # 3000 tokens: 23.4 MiB per input, pinned as 32 MiB blocks.
+    assert unsloth_offload_host_bytes(3000 * 8192, 32) == 200 * 256 * 1024 + 32 * 32 * 2**20
+
+
+def test_host_ram_the_offload_needs_is_checked_against_the_node():
+    from planner.hardware import NodeType, lookup_gpu
+    from planner.plan import JobSpec
+    from planner.search import make_plan
+
+    model = ModelSpec.from_config(LLAMA_8B, name="llama-8b")
+    job = JobSpec(seq_len=32768, global_batch_size=2, lora_rank=16, quantization="nf4",
+                  gradient_checkpointing="unsloth", micro_batch_size=1)
+    h100 = lookup_gpu("H100-80GB")
+    # 32 layers x 256 MiB (32768 x 4096 x 2 B) = 8 GiB per worker, 2 workers: 16 GiB.
+    plan = make_plan(model, [NodeType(h100, 2, 1, host_memory_bytes=64 * GIB)], job)
+    (node,) = plan.node_plans
+    assert node.gradient_checkpointing == "unsloth" and node.host_memory_bytes >= 8 * GIB
+    with pytest.raises(PlanError) as e:
+        make_plan(model, [NodeType(h100, 2, 1, host_memory_bytes=12 * GIB)], job)
+    msg = str(e.value)
+    assert "host RAM" in msg and "12.0 GiB" in msg and "To fix" in msg
+    assert "gradient_checkpointing hf" in msg and "{" not in msg
 
 
 def test_weights_by_scheme(llama8b):

@@ -26,7 +26,7 @@ from planner.memory.protected import Protection, planned_protection
 from planner.memory.overhead import context_bytes, slack_bytes, workspace_bytes
 from planner.memory.trainable import (adapter_bytes, gradient_bytes, layer_trainable_tensors, optimizer_bytes,
                                       state_bytes, trainable_tensors)
-from planner.memory.weights import (embedding_bytes, layer_groups, layer_weight_bytes,
+from planner.memory.weights import (embedding_bytes, kbit_prepared, layer_groups, layer_weight_bytes,
                                     weight_bytes)
 from planner.architecture import ModelSpec
 from planner.plan import MemoryBreakdown, PlanError
@@ -117,12 +117,15 @@ def estimate_memory(
     optimizer: str = "adamw_8bit",
     num_shards: int = 1,
     protected_bytes: int = 0,
+    kbit_upcast: bool | None = None,
 ) -> MemoryEstimate:
     """Peak memory of one worker for one fixed configuration.
 
     `num_shards` > 1 models ZeRO-3: weights, gradients and optimizer states are split over that many
     GPUs, plus one layer's gathered 16-bit weights (DeepSpeed all-gathers a layer before using it).
     `protected_bytes` is what dynamic 4-bit spends keeping sensitive modules in 16-bit.
+    `kbit_upcast`: whether peft's prepare_model_for_kbit_training runs (default: the hf backend on a
+    4-bit base, planner.memory.weights.kbit_prepared); False models a 4-bit stack without it.
     """
     if seq_len < 1 or micro_batch_size < 1:
         raise PlanError(f"{{seq_len}} and {{micro_batch_size}} must be >= 1, got {seq_len} and "
@@ -138,8 +141,10 @@ def estimate_memory(
 
     tensors = trainable_tensors(model, targets=targets, lora_rank=lora_rank, full_finetune=full_finetune)
     trainable = sum(tensors)
+    if kbit_upcast is None:
+        kbit_upcast = kbit_prepared(backend, quantization)
     weights = weight_bytes(model, quantization=quantization, double_quant=double_quant, backend=backend,
-                           protected_bytes=protected_bytes)
+                           protected_bytes=protected_bytes, kbit_upcast=kbit_upcast)
     adapters = adapter_bytes(trainable, full_finetune)
     gradients = gradient_bytes(trainable, full_finetune)
     opt, paged = optimizer_bytes(tensors, optimizer, full_finetune)
@@ -153,9 +158,9 @@ def estimate_memory(
 
     decoder = activations(model, quantization=quantization, backend=backend, full_finetune=full_finetune,
                           targets=targets, gradient_checkpointing=gradient_checkpointing,
-                          tokens=micro_batch_size * seq_len)
+                          tokens=micro_batch_size * seq_len, kbit_upcast=kbit_upcast)
     logits = logit_bytes(model, gpu, backend=backend, micro_batch_size=micro_batch_size, seq_len=seq_len,
-                         full_finetune=full_finetune)
+                         full_finetune=full_finetune, kbit_upcast=kbit_upcast)
     activation = decoder.gpu_bytes(logits)
     context, slack = context_bytes(gpu), slack_bytes(activation + logits)
     overhead = context + workspace_bytes(gpu) + slack

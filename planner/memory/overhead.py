@@ -21,7 +21,7 @@ CUDA_WORKSPACE_BYTES = 64 * MIB
 # cached and are only reused by requests that fit them; the loss phase (one big logits buffer) and
 # the backward phase (per-layer recomputation) interleave differently sized blocks, so reserved
 # holds part of both. We keep 25% of the transient peak; the H200 run saw 26-60% (docs/planner.md).
-ALLOCATOR_SLACK = 0.25
+ALLOCATOR_SLACK = 0.1
 
 
 def context_bytes(gpu: GpuSpec) -> int:

@@ -55,6 +55,26 @@ def _node_plan(spec: ModelSpec, ts: TypeSearch, job: JobSpec, samples: int,
         device_map=cfg.device_map, host_memory_bytes=cfg.estimate.host_bytes)
 
 
+def check_host_ram(nt: NodeType, node_plan: NodePlan) -> None:
+    """Refuse a plan whose workers need more host RAM than a node has: the layer inputs Unsloth's
+    offloaded checkpointing pins (planner.memory.activations.unsloth_offload_host_bytes) and paged
+    optimizer states, per worker, times the workers on a node. Unknown node RAM (0) is not checked;
+    the CPU pseudo-device's memory is host RAM and is budgeted as its device memory already."""
+    if nt.gpu.is_cpu or not nt.host_memory_bytes or not node_plan.host_memory_bytes:
+        return
+    need = node_plan.workers_per_node * node_plan.host_memory_bytes
+    if need <= nt.host_memory_bytes:
+        return
+    gib = 1024**3
+    raise PlanError(
+        f"{nt.key}: {node_plan.workers_per_node} worker(s) x {node_plan.host_memory_bytes / gib:.1f} GiB of "
+        f"host RAM (layer inputs offloaded by {{gradient_checkpointing}} {node_plan.gradient_checkpointing}"
+        f", paged optimizer states) = {need / gib:.1f} GiB, more than the node's "
+        f"{nt.host_memory_bytes / gib:.1f} GiB: the plan fits the GPUs but not the host. To fix: set "
+        f"{{gradient_checkpointing}} hf (layer inputs stay on the GPU), lower {{seq_len}} or "
+        f"{{micro_batch_size}}, or use nodes with more RAM.")
+
+
 def _workers(node_plans: Sequence[NodePlan]) -> tuple[WorkerAssignment, ...]:
     """World ranks in node-plan order: every worker of a node, node by node."""
     slots = [(p.node_type, node, local) for p in node_plans for node in range(p.nodes)
@@ -88,6 +108,8 @@ def make_plan(model: ModelSpec | str, node_types: Sequence[NodeType], job: JobSp
     samples, batch_warnings = distribute(job, usable)
     warnings += batch_warnings + pacing_warnings(job, usable, samples)
     node_plans = tuple(_node_plan(spec, ts, job, n, calibration) for ts, n in zip(usable, samples))
+    for ts, node_plan in zip(usable, node_plans):
+        check_host_ram(ts.node_type, node_plan)
     summary = dict(spec.summary())
     if not job.full_finetune:
         summary["lora_params"] = spec.lora_params(job.lora_rank, job.lora_targets)
