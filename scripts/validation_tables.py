@@ -62,7 +62,9 @@ def tables(figures=None) -> str:
             if r.compare == "upper_bound":
                 err += " (upper bound)"
             elif r.compare == "exceeds_device":
-                err = "fits" if r.predicted <= r.capacity else "over the device, as measured"
+                err = ("over the device" if r.predicted > r.capacity else
+                       f"{r.predicted / r.capacity:.1%} of the device") + (
+                    ": no plan places it, as measured" if r.holds else ": a plan would place it (MISS)")
             out.append(f"| {r.label} | {_short(r.source)} | {_value(quantity, r.predicted)} | "
                        f"{_value(quantity, r.measured)} | {err} | {r.role} |")
         skipped = [f for f in figures if f["quantity"] == quantity and f["compare"] == "not_represented"]

@@ -65,8 +65,8 @@ def test_check_rows_median_error_meets_the_target(table, quantity):
 def test_check_rows_hold_their_comparison(table):
     """Each check row: upper bounds not below, published OOMs over the device; equal rows within
     10%, except the misses docs/planner.md names (small cards' fixed overheads, LitGPT's
-    quantize-on-load transient), which must stay within 40% and are listed here by id."""
-    known_misses = {"ctx-8B-8gb-unsloth": 1.0, "ctx-8B-12gb-hf": 0.4, "ctx-70B-48gb-unsloth": 0.2}
+    quantize-on-load transient), listed here by id with the error they must stay within."""
+    known_misses = {"ctx-8B-8gb-unsloth": 0.75, "ctx-8B-12gb-hf": 0.4}
     for r in table:
         if r.role != "check":
             continue

@@ -99,6 +99,18 @@ def backward_working_bytes_per_token(model: ModelSpec) -> int:
     return SIXTEEN_BIT_BYTES * (model.hidden_size + 2 * _mlp_width(model))
 
 
+def unsloth_dequant_scratch_bytes(model: ModelSpec, quantization: str, backend: str) -> int:
+    """Unsloth's persistent dequantization scratch: its `matmul_lora` (kernels/utils.py,
+    `use_global_buffer = True` by default) dequantizes each 4-bit weight into one buffer kept per
+    device (`_scratch("weight", ...)`, grown to the largest weight and never freed), so a 16-bit
+    copy of the largest 4-bit linear stays allocated from the first forward on, beside the
+    backward's own transient (`fast_dequantize` of up/gate in LoRA_MLP.backward). Without double
+    quantization bitsandbytes dequantizes into a fresh tensor instead; counted anyway (safe side)."""
+    if backend != "unsloth" or quantization not in ("nf4", "dynamic-4bit"):
+        return 0
+    return SIXTEEN_BIT_BYTES * max(x.in_features * x.out_features for x in model.linear_layers())
+
+
 def dequant_transient_bytes(model: ModelSpec, quantization: str) -> int:
     """The 16-bit copy of the largest quantized linear that exists while its backward runs:
     bitsandbytes MatMul4Bit.backward (`F.dequantize_4bit(B, ctx.state).to(dtype).t()`), Unsloth's
@@ -186,7 +198,8 @@ def activations(model: ModelSpec, *, quantization: str, backend: str, full_finet
         offloaded = unsloth_offload_host_bytes(layer_input, model.num_layers)
         if layer_input > UNSLOTH_OFFLOAD_MIN_BYTES:
             kept_per_layer = 0
-            final = layer_input + (1 + UNSLOTH_GPU_STAGING_BUFFERS) * layer_input
+            final = (layer_input + (1 + UNSLOTH_GPU_STAGING_BUFFERS) * layer_input
+                     + unsloth_dequant_scratch_bytes(model, quantization, backend))
             return Activations(kept_per_layer=0, num_layers=model.num_layers, final=final,
                                backward_phase=recompute + dequant_transient_bytes(model, quantization),
                                offloaded=offloaded)
@@ -194,6 +207,7 @@ def activations(model: ModelSpec, *, quantization: str, backend: str, full_finet
     else:
         raise PlanError(f"{{gradient_checkpointing}} {gradient_checkpointing!r} is not one of "
                         f"{', '.join(CHECKPOINTING)}")
-    return Activations(kept_per_layer=kept_per_layer, num_layers=model.num_layers, final=2 * layer_input,
+    return Activations(kept_per_layer=kept_per_layer, num_layers=model.num_layers,
+                       final=2 * layer_input + unsloth_dequant_scratch_bytes(model, quantization, backend),
                        backward_phase=recompute + dequant_transient_bytes(model, quantization),
                        offloaded=offloaded)

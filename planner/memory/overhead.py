@@ -24,7 +24,7 @@ CUDA_WORKSPACE_BYTES = 64 * MIB
 # longest sequences at the limit); a test keeps this value equal to the derivation. Reserved memory
 # with no pressure runs higher (the H200 runs: 35-125% of the transients, docs/planner.md), which
 # the plan's safety margin covers.
-ALLOCATOR_SLACK = 0.1
+ALLOCATOR_SLACK = 0.09
 
 
 def context_bytes(gpu: GpuSpec) -> int:
