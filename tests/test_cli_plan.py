@@ -149,3 +149,16 @@ def test_estimate_compare_every_quantization_and_backend(tmp_path):
     r = CliRunner().invoke(main, args[:-1] + ["--plot", str(tmp_path / "x.png")])
     assert r.exit_code == 2 and "--compare" in r.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plan_refuses_a_node_without_the_host_ram_the_offload_needs(tmp_path):
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("- {gpu: H100-80GB, gpus_per_node: 8, count: 1, host_memory_gib: 32}\n")
+    args = ["plan", "-m", "meta-llama/Llama-3.1-8B", "--inventory", str(inv), "--seq-len", "32768",
+            "--global-batch", "8", "--quantization", "nf4"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    assert "host RAM" in r.output and "32.0 GiB" in r.output and "--backend hf" in r.output
+    assert "Traceback" not in r.output
+    inv.write_text("- {gpu: H100-80GB, gpus_per_node: 8, count: 1, host_memory_gib: 2048}\n")
+    assert CliRunner().invoke(main, args).exit_code == 0

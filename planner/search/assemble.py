@@ -71,8 +71,8 @@ def check_host_ram(nt: NodeType, node_plan: NodePlan) -> None:
         f"host RAM (layer inputs offloaded by {{gradient_checkpointing}} {node_plan.gradient_checkpointing}"
         f", paged optimizer states) = {need / gib:.1f} GiB, more than the node's "
         f"{nt.host_memory_bytes / gib:.1f} GiB: the plan fits the GPUs but not the host. To fix: set "
-        f"{{gradient_checkpointing}} hf (layer inputs stay on the GPU), lower {{seq_len}} or "
-        f"{{micro_batch_size}}, or use nodes with more RAM.")
+        f"{{gradient_checkpointing}} hf or {{backend}} hf (layer inputs stay on the GPU), lower "
+        f"{{seq_len}} or {{micro_batch_size}}, or use nodes with more RAM.")
 
 
 def _workers(node_plans: Sequence[NodePlan]) -> tuple[WorkerAssignment, ...]:
