@@ -10,7 +10,8 @@
   host RAM     host_bytes below (offloaded activations, paged optimizer states)
 
 Each models what the real stack allocates (Unsloth or plain HF + PEFT + bitsandbytes + TRL), read
-from their source in site-packages; nothing is fitted to measurements. Sizes are bytes.
+from their source in site-packages; one constant is fitted (overhead.ALLOCATOR_SLACK, from the fit rows
+of tests/data/validation.json by scripts/fit_constants.py). Sizes are bytes.
 """
 
 from __future__ import annotations
