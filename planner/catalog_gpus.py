@@ -53,6 +53,9 @@ GPU_ROWS: tuple[dict, ...] = (
          fp8=None, bw=768.0,
          source="SMI 49140 MiB with ECC off (46068 with ECC on); CC; DS tensor 309.7 sparse = 154.8 "
                 "dense (LT's 38.7 is the non-tensor rate); 768 GB/s"),
+    dict(name="A40", nvml=("NVIDIA A40",), mib=46068, cc=(8, 6), bf16=149.7, fp16=149.7, fp8=None,
+         bw=696.0, source="SMI 46068 MiB with ECC on (uncertain); CC; DS A40 BF16 tensor 299.4 sparse = "
+                          "149.7 dense; DS 696 GB/s"),
     dict(name="RTX-6000-Ada", nvml=("NVIDIA RTX 6000 Ada Generation",), mib=49140, cc=(8, 9),
          bf16=364.2, fp16=364.2, fp8=728.5, bw=960.0,
          source="SMI 49140 MiB with ECC off (uncertain); CC; WP AD102 RTX 6000 Ada FP16/BF16 tensor "
