@@ -197,11 +197,12 @@ def test_zero3_never_shards_fp8_and_keeps_pins():
     assert (p.placement, p.quantization) == ("zero3", "nf4") and p.reasons["quantization"] == "pinned to nf4"
     # Pinned FP8 (H100 has the path) has no ZeRO-3 candidate: refused with that fix, not silently
     # re-quantized; pinned bf16 shards.
+    # (At 4096 tokens FP8 70B no longer fits one H100 per worker.)
     four_h100 = parse_gpu_spec("4x1xH100-80GB")
     with pytest.raises(PlanError) as e:
-        make_plan(LLAMA_70B, four_h100, JobSpec(seq_len=1024, quantization="fp8"))
+        make_plan(LLAMA_70B, four_h100, JobSpec(seq_len=4096, quantization="fp8"))
     assert "ZeRO-3 over the 4 GPUs, which shards quantization bf16 or nf4 but not fp8" in str(e.value)
-    p = make_plan(LLAMA_70B, four_h100, JobSpec(seq_len=1024, quantization="bf16")).node_plans[0]
+    p = make_plan(LLAMA_70B, four_h100, JobSpec(seq_len=4096, quantization="bf16")).node_plans[0]
     assert (p.placement, p.quantization) == ("zero3", "bf16")
 
 

@@ -90,21 +90,28 @@ def _sixteen_bit_beside_quantized(model: ModelSpec, quantization: str, double_qu
     return total
 
 
+def kbit_prepared(backend: str, quantization: str) -> bool:
+    """Whether the worker runs peft's prepare_model_for_kbit_training (the hf backend on a 4-bit
+    base), which upcasts every 16-bit parameter beside the 4-bit ones to fp32."""
+    return backend == "hf" and quantization in FOUR_BIT
+
+
 def weight_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, backend: str,
-                 protected_bytes: int) -> int:
+                 protected_bytes: int, kbit_upcast: bool | None = None) -> int:
     """The `weights` term of one unsharded worker.
 
     Decoder layers by scheme, 16-bit embedding, lm_head and final norm; dynamic 4-bit adds the
-    `protected_bytes` it spends keeping sensitive modules 16-bit. With the hf backend a 4-bit base
-    goes through prepare_model_for_kbit_training, which upcasts every 16-bit parameter to fp32
+    `protected_bytes` it spends keeping sensitive modules unquantized (planner.memory.protected,
+    already priced for the backend). With the hf backend a 4-bit base goes through
+    prepare_model_for_kbit_training, which upcasts every other 16-bit parameter to fp32
     (KBIT_UPCAST_BYTES).
     """
     protected = protected_bytes if quantization == "dynamic-4bit" else 0
     edges = embedding_bytes(model) + head_bytes(model)
     weights = edges + protected + sum(n * layer_weight_bytes(model, linears, quantization, double_quant)
                                       for linears, n in layer_groups(model))
-    if backend == "hf" and quantization in FOUR_BIT:
-        upcast = _sixteen_bit_beside_quantized(model, quantization, double_quant) + edges + protected
+    if kbit_prepared(backend, quantization) if kbit_upcast is None else kbit_upcast:
+        upcast = _sixteen_bit_beside_quantized(model, quantization, double_quant) + edges
         weights += upcast * (KBIT_UPCAST_BYTES - SIXTEEN_BIT_BYTES) // SIXTEEN_BIT_BYTES
     return weights
 
