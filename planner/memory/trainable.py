@@ -7,6 +7,8 @@ parameter's dtype; bitsandbytes 8-bit: planner.tensor_bytes.adamw_8bit_state_byt
 
 from __future__ import annotations
 
+from collections import Counter
+
 from typing import Sequence
 
 from planner.memory.weights import layer_groups
@@ -96,13 +98,13 @@ def optimizer_bytes(tensors: Sequence[int], optimizer: str, full_finetune: bool)
     if optimizer == "adamw_torch":
         return 2 * param_bytes(full_finetune) * sum(tensors), 0
     gpu, host = BNB_QMAP_BYTES, 0
-    for n in tensors:
+    for n, count in Counter(tensors).items():  # a model repeats a few shapes many times
         states, absmax = adamw_8bit_state_parts(n)
         if optimizer == "paged_adamw_8bit" and n >= BNB_PAGED_MIN_NUMEL:
-            host += states  # state1/state2 paged; the absmax vectors stay on the device
-            gpu += absmax
+            host += count * states  # state1/state2 paged; the absmax vectors stay on the device
+            gpu += count * absmax
         else:
-            gpu += states + absmax
+            gpu += count * (states + absmax)
     return gpu, host
 
 
