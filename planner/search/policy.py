@@ -128,15 +128,25 @@ def placement_quantizations(quantizations: tuple[str, ...], placement: str) -> t
     return tuple(q for q in quantizations if q in ZERO3_QUANTIZATIONS)
 
 
+# prefer=balanced keeps the more precise weights unless the less precise are predicted at least this
+# much faster: well beyond the throughput model's error on its check rows (docs/planner.md).
+BALANCED_SPEEDUP = 1.10
+
+
 def better(a: "Candidate | None", b: "Candidate | None", job: JobSpec) -> bool:
     """Is a better than b? Faster wins; ties go to more precision, the exact optimizer, less
-    recomputation. prefer=accuracy puts precision before speed."""
+    recomputation. prefer=accuracy puts precision before speed; prefer=balanced lets less precise
+    weights win only when they are BALANCED_SPEEDUP faster."""
     if a is None:
         return False
     if b is None:
         return True
     if job.prefer == "accuracy" and PRECISION_RANK[a.quantization] != PRECISION_RANK[b.quantization]:
         return PRECISION_RANK[a.quantization] < PRECISION_RANK[b.quantization]
+    if job.prefer == "balanced" and PRECISION_RANK[a.quantization] != PRECISION_RANK[b.quantization]:
+        # Less precise weights must buy a speed-up the throughput model can tell from its error.
+        precise, other = (a, b) if PRECISION_RANK[a.quantization] < PRECISION_RANK[b.quantization] else (b, a)
+        return (a is precise) == (other.tokens_per_s <= precise.tokens_per_s * BALANCED_SPEEDUP)
     if not math.isclose(a.tokens_per_s, b.tokens_per_s, rel_tol=1e-9):
         return a.tokens_per_s > b.tokens_per_s
 

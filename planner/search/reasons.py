@@ -12,7 +12,7 @@ from planner.hardware import GIB, fp8_path_for
 from planner.memory import estimate_memory, max_seq_len
 from planner.plan import JobSpec
 from planner.search.candidates import Candidate, TypeSearch
-from planner.search.policy import (SIXTEEN_BIT, backend_for, checkpointing_modes, compute_dtype,
+from planner.search.policy import (BALANCED_SPEEDUP, SIXTEEN_BIT, backend_for, checkpointing_modes, compute_dtype,
                                    placement_quantizations)
 
 FP8_PATH_NAMES = {"unsloth": "Unsloth load_in_fp8", "rowwise": "rayquant's row-wise FP8 linear"}
@@ -74,6 +74,11 @@ def _quantization_reason(ts: TypeSearch, cfg: Candidate, job: JobSpec,
         why = "the most precise that fits"
     else:
         why = "the fastest predicted that fits"
+        fastest = max((c for c in (options or {}).values() if c is not None), key=lambda c: c.tokens_per_s,
+                      default=cfg)
+        if job.prefer == "balanced" and fastest.tokens_per_s > cfg.tokens_per_s:
+            why = (f"within {BALANCED_SPEEDUP - 1:.0%} of the fastest predicted, balanced keeps the more "
+                   "precise")
     text = f"{q}: {head}; {why} ({cfg.tokens_per_s:,.0f} tok/s)"
     compared = _compared(ts, cfg, job, options or {}, model)
     if compared:
