@@ -22,6 +22,7 @@ from typing import Mapping
 from planner import throughput_fit
 from planner.architecture import ModelSpec
 from planner.hardware import GpuSpec, fp8_path_for
+from planner.tensor_bytes import nf4_bytes
 
 # Memory-bound kernels (dequantization, copies, the weight reads of a GEMM with few rows) reach about
 # 70% of the peak bandwidth (STREAM-like copies reach 70-90%). Assumption, not fitted.
@@ -234,12 +235,15 @@ def step_time(model: ModelSpec, gpu: GpuSpec, *, quantization: str, seq_len: int
         t["offload"] = model.num_layers * (max(0.0, copy - layer_fwd) + copy)
     link_gpu = (gpu.nvlink_gb_per_s or gpu.host_link_gb_per_s) * 1e9 * LINK_EFFICIENCY
     if num_shards > 1:
-        # ZeRO-3 / FSDP: every 16-bit weight is all-gathered for each forward and the backward,
-        # gradients reduce-scattered, prefetched under the compute: only what the compute does not
-        # cover counts.
+        # ZeRO-3 / FSDP: every weight is all-gathered as stored (16-bit, or 4-bit codes packed in
+        # 16-bit storage for QLoRA + ZeRO-3; the lm_head stays 16-bit) for each forward and the
+        # backward, gradients reduce-scattered, prefetched under the compute: only what the compute
+        # does not cover counts. Shards on several nodes gather over the cluster network.
         layers_n, head_n = _linear_params(model)
-        comm = ((fwd_passes + 1) * 2.0 * (layers_n + head_n) + trainable * pbytes) \
-            * (num_shards - 1) / num_shards / link_gpu
+        stored = nf4_bytes(1 << 20) / (1 << 20) if quantization in ("nf4", "dynamic-4bit") else 2.0
+        gather = network_gb_per_s * 1e9 * LINK_EFFICIENCY if network_gb_per_s else link_gpu
+        comm = ((fwd_passes + 1) * (stored * layers_n + 2.0 * head_n) + trainable * pbytes) \
+            * (num_shards - 1) / num_shards / gather
         t["zero3"] = max(0.0, comm - t["gemm"] - t["attention"])
     if data_parallel > 1:
         # Ring all-reduce of the gradients (fp32 adapters, 16-bit full fine-tuning): 2(n-1)/n of

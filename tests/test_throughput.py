@@ -141,6 +141,18 @@ def test_all_reduce_over_the_network(llama):
     assert net > many
 
 
+def test_zero3_gathers_weights_as_stored_and_over_the_network_across_nodes(llama70):
+    """QLoRA + ZeRO-3 all-gathers 4-bit codes (a quarter of 16-bit bytes, the lm_head still 16-bit);
+    shards on several nodes gather over the cluster network, slower than a node's own link."""
+    a10g = lookup_gpu("A10G")
+    kw = dict(seq_len=256, micro_batch_size=1, gradient_checkpointing="hf", backend="hf", num_shards=4)
+    bf16 = step_time(llama70, a10g, quantization="bf16", **kw).terms["zero3"]
+    nf4 = step_time(llama70, a10g, quantization="nf4", **kw).terms["zero3"]
+    across = step_time(llama70, a10g, quantization="nf4", network_gb_per_s=12.5, **kw).terms["zero3"]
+    assert 0 < nf4 < bf16 / 2.5
+    assert across > nf4
+
+
 def test_expected_error_is_shown():
     assert expected_error_text() == f"+-{round(100 * EXPECTED_ERROR)}%"
     assert expected_error_text(0.25) == "+-25%"
