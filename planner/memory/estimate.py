@@ -145,7 +145,9 @@ def estimate_memory(
     tensors = trainable_tensors(model, targets=targets, lora_rank=lora_rank, full_finetune=full_finetune)
     trainable = sum(tensors)
     if kbit_upcast is None:
-        kbit_upcast = kbit_prepared(backend, quantization)
+        # Under ZeRO-3 the loader skips prepare_model_for_kbit_training (rayquant.loading): its fp32
+        # upcast would defeat the sharding, so nothing is upcast there.
+        kbit_upcast = kbit_prepared(backend, quantization) and num_shards == 1
     weights = weight_bytes(model, quantization=quantization, double_quant=double_quant, backend=backend,
                            protected_bytes=protected_bytes, kbit_upcast=kbit_upcast)
     adapters = adapter_bytes(trainable, full_finetune)
