@@ -255,3 +255,27 @@ def _seq_len_that_fits(p: NodePlan, job: JobSpec, model: ModelSpec | None, seen_
         else:
             hi = mid - 1
     return lo or None
+
+
+def out_of_memory_measurement(plan: TrainingPlan, node_type: str, model: ModelSpec, *, seen_bytes: int,
+                              reserved_bytes: int, gpu_nvml_name: str = ""):
+    """A calibration Measurement (planner.calibration) from a worker that ran out of memory: what
+    torch's allocator held when it failed, next to the plan's prediction for that node type. The
+    allocation that failed is not in `seen_bytes`, so the measured/predicted ratio is a lower bound:
+    a plan calibrated with it shrinks at least that much."""
+    from planner.calibration import Measurement
+
+    p = plan.node_plan(node_type)
+    job = plan.job
+    shards = p.nodes * p.gpus_per_node if p.placement == "zero3" else 1
+    est = estimate_memory(model, lookup_gpu(p.gpu), quantization=p.quantization, double_quant=p.double_quant,
+                          backend=p.backend, seq_len=job.seq_len, micro_batch_size=p.micro_batch_size,
+                          lora_rank=job.lora_rank, lora_targets=job.lora_targets,
+                          full_finetune=job.full_finetune, gradient_checkpointing=p.gradient_checkpointing,
+                          optimizer=p.optimizer, num_shards=shards)
+    return Measurement(gpu=p.gpu, quantization=p.quantization, model=plan.model, seq_len=job.seq_len,
+                       micro_batch_size=p.micro_batch_size, predicted_peak_bytes=est.peak_bytes,
+                       predicted_allocated_bytes=est.allocated_bytes, measured_allocated_bytes=seen_bytes,
+                       measured_reserved_bytes=max(reserved_bytes, seen_bytes),
+                       gradient_checkpointing=p.gradient_checkpointing, backend=p.backend,
+                       gpu_nvml_name=gpu_nvml_name)
