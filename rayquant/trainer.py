@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from planner.atomic import write_atomically
 from planner.hardware import CPU_DEVICE
@@ -116,6 +116,9 @@ class RayQuantTrainer:
     lora, sft, scaling, run: mappings or rayquant.config.*Options (see their fields)
     address: Ray address; None: RAY_ADDRESS, else a local cluster (rayquant.cluster.connect)
     calibration: a `rayquant calibrate` file the plan applies (with plan="auto")
+    callbacks: transformers TrainerCallback instances (or classes) added to every worker's
+             SFTTrainer, as `SFTTrainer(callbacks=...)` takes them; they travel to the workers
+             pickled (cloudpickle), so they must not hold locks, open files or GPU tensors
     All problems with the arguments are reported together in one ConfigError.
     """
 
@@ -126,9 +129,10 @@ class RayQuantTrainer:
                  address: str | None = None, calibration: str | None = None,
                  dataset_split: str | None = None, dataset_subset: str | None = None,
                  eval_dataset: Any = None, eval_dataset_split: str | None = None,
-                 eval_dataset_subset: str | None = None) -> None:
+                 eval_dataset_subset: str | None = None, callbacks: Sequence[Any] | None = None) -> None:
         problems = (model_problems(model) + plan_problems(plan)
-                    + calibration_problems(calibration, plan) + address_problems(address))
+                    + calibration_problems(calibration, plan) + address_problems(address)
+                    + callback_problems(callbacks))
         opts = {name: coerce_options(name, value, problems)
                 for name, value in (("lora", lora), ("sft", sft), ("scaling", scaling), ("run", run))}
         for o in opts.values():
@@ -147,6 +151,7 @@ class RayQuantTrainer:
         self.address = address
         self.calibration = calibration
         self.options = _Resolved(**opts)
+        self.callbacks = tuple(callbacks or ())
         self._plan: TrainingPlan | None = None
 
     # -- planning (rayquant.planning, as `rayquant plan` and `rayquant k8s` plan) ----------------
@@ -310,7 +315,6 @@ class RayQuantTrainer:
         from rayquant.contract import SftSettings, WorkerConfig
         from rayquant.progress import ProgressPrinter
         from rayquant.restarts import PROGRESS_FILE
-        from rayquant.worker import fault_injection
 
         run = self.options.run
         check_plan_runs(plan, self.options.scaling.cpus_per_worker)
@@ -322,7 +326,6 @@ class RayQuantTrainer:
         # Ray Train routes workers' print() to a logger, which leaks the disassembly dill prints
         # into a captured stdout while `datasets` fingerprints TRL's map functions.
         env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-        env.update(fault_injection.worker_env(run_dir, plan.num_workers))  # test-only, usually {}
         from rayquant.tracking import tracking_env
 
         env.update(tracking_env(checked.report_to, run_dir))
@@ -338,7 +341,8 @@ class RayQuantTrainer:
         # The WorkerConfig travels as its JSON, the form tests/test_contract.py round-trips; the
         # tokenized rows beside it as Ray object references, which have no JSON form and are put
         # once for all workers rather than copied into each one's config.
-        config = {"worker_config": worker_config.to_json(), **refs}
+        config = {"worker_config": worker_config.to_json(), **refs, "callbacks": list(self.callbacks)}
+        _pickle_user_code_by_value(self.callbacks)
         trainer = TorchTrainer(
             _train_loop, train_loop_config=config, scaling_config=ScalingConfig(**scaling_kwargs),
             run_config=RunConfig(
@@ -428,6 +432,51 @@ class RayQuantTrainer:
                                      cpus_per_worker=cpus)
 
 
+def callback_problems(callbacks) -> list[str]:
+    """What is wrong with `callbacks=`: each must be a transformers TrainerCallback (an instance or
+    the class) that pickles, since it travels to every worker."""
+    if not callbacks:
+        return []
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence):
+        return [f"callbacks: expected a list of transformers TrainerCallbacks, got {type(callbacks).__name__}"]
+    from transformers import TrainerCallback
+
+    problems = []
+    for i, cb in enumerate(callbacks):
+        is_callback = isinstance(cb, TrainerCallback) or (isinstance(cb, type) and issubclass(cb, TrainerCallback))
+        if not is_callback:
+            problems.append(f"callbacks[{i}]: expected a transformers TrainerCallback (instance or class), "
+                            f"got {type(cb).__name__}")
+            continue
+        from ray import cloudpickle
+
+        try:
+            cloudpickle.dumps(cb)
+        except Exception as e:  # what cloudpickle raises for unpicklable state varies by type
+            problems.append(f"callbacks[{i}] ({type(cb).__name__}) cannot travel to the workers: it does not "
+                            f"pickle ({e}); keep locks, open files and handles out of its attributes")
+    return problems
+
+
+def _pickle_user_code_by_value(callbacks) -> None:
+    """Callbacks defined in the user's own files (a script, a test, a project that is not
+    installed) travel to the workers by value: the workers may not import those files by name.
+    Classes from installed packages (site-packages) travel by reference, as usual."""
+    import sys
+    import sysconfig
+
+    from ray import cloudpickle
+
+    installed = {str(Path(sysconfig.get_paths()[k]).resolve()) for k in ("purelib", "platlib")}
+    for cb in callbacks:
+        module = sys.modules.get((cb if isinstance(cb, type) else type(cb)).__module__)
+        where = getattr(module, "__file__", None)
+        if module is None or where is None or module.__name__ == "__main__":
+            continue  # __main__ already travels by value
+        if not any(str(Path(where).resolve()).startswith(p) for p in installed):
+            cloudpickle.register_pickle_by_value(module)
+
+
 def check_trained(gathered, run_dir: Path | str = "") -> None:
     """Raise TrainedNothingError when the gathered ranks trained nothing: a rank took no optimizer
     step, or training stopped on (or logged) a non-finite loss."""
@@ -500,7 +549,7 @@ def _train_loop(config: dict) -> None:
     worker_config = WorkerConfig.from_json(config["worker_config"])
     try:
         train_loop_per_worker(worker_config, config["dataset"], model_path=resolve_model(worker_config.model),
-                              eval_ref=config.get("eval_dataset"))
+                              eval_ref=config.get("eval_dataset"), callbacks=config.get("callbacks", ()))
     except Exception as e:
         if not oom.is_out_of_memory(e):
             raise

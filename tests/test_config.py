@@ -170,3 +170,26 @@ def test_data_and_evaluation_keys(tmp_path):
     with pytest.raises(ConfigError, match="sft.keep_best needs evaluation rows"):
         parse_train_config({"model": "rayquant/tiny-llama", "dataset": "d.jsonl", "sft": {"keep_best": True}},
                            base_dir=str(tmp_path))
+
+
+def test_callbacks_must_be_trainer_callbacks_that_travel_to_the_workers():
+    import threading
+
+    from transformers import TrainerCallback
+
+    from rayquant.config import ConfigError
+    from rayquant.trainer import RayQuantTrainer
+
+    class HoldsALock(TrainerCallback):
+        def __init__(self):
+            self.lock = threading.Lock()
+
+    with pytest.raises(ConfigError) as e:
+        RayQuantTrainer(model="rayquant/tiny-llama", dataset="examples/data/tiny_alpaca.jsonl",
+                        callbacks=[print, HoldsALock()])
+    text = str(e.value)
+    assert "callbacks[0]: expected a transformers TrainerCallback" in text and "builtin_function_or_method" in text
+    assert "callbacks[1] (HoldsALock) cannot travel to the workers" in text
+    ok = RayQuantTrainer(model="rayquant/tiny-llama", dataset="examples/data/tiny_alpaca.jsonl",
+                         callbacks=[TrainerCallback(), TrainerCallback])
+    assert len(ok.callbacks) == 2

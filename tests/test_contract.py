@@ -169,8 +169,7 @@ def test_missing_and_unknown_fields_are_named_together():
 
 
 def test_both_sides_import_the_contract_without_torch_or_ray():
-    code = ("import sys, rayquant.contract, rayquant.worker, rayquant.worker.checkpoint, "
-            "rayquant.worker.fault_injection\n"
+    code = ("import sys, rayquant.contract, rayquant.worker, rayquant.worker.checkpoint\n"
             "print(' '.join(m for m in ('torch', 'ray', 'transformers', 'unsloth') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
@@ -187,14 +186,3 @@ def test_checkpoint_state_round_trips_and_refuses_another_shape():
     raw["workers"] = raw.pop("world_size")
     with pytest.raises(RuntimeError, match="checkpoint state here does not match this rayquant.*workers"):
         CheckpointState.from_json(json.dumps(raw), "here")
-
-
-def test_fault_injection_reaches_the_workers_only_when_the_driver_asks(monkeypatch, tmp_path):
-    from rayquant.worker import fault_injection as fi
-
-    monkeypatch.delenv(fi.FAIL_AT_STEP_ENV, raising=False)
-    monkeypatch.delenv(fi.FAIL_RANK_ENV, raising=False)
-    assert fi.worker_env(tmp_path, 2) == {}
-    monkeypatch.setenv(fi.FAIL_AT_STEP_ENV, "3")
-    spec = json.loads(fi.worker_env(tmp_path, 2)[fi.WORKER_ENV])
-    assert spec == {"step": 3, "rank": 1, "marker": str(tmp_path / fi.MARKER)}  # default: the last rank

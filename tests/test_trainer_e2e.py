@@ -2,8 +2,8 @@
 over gloo) -> Unsloth CPU fallback in 4-bit -> TRL SFTTrainer -> one gathered adapter.
 
 One training run is shared by the module. Its plan is heterogeneous on purpose (rank 0: micro-batch
-2 x accumulation 2, rank 1: 1 x 3), and rank 1 fails once at step 3 (the fault-injection hook), so
-the run also proves restart + resume from the step-2 checkpoint.
+2 x accumulation 2, rank 1: 1 x 3), and rank 1 fails once at step 3 (a user callback, FailOnce), so
+the run also proves `callbacks=` reaching the workers and restart + resume from the step-2 checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from transformers import TrainerCallback
 
 from planner.plan import JobSpec, MemoryBreakdown, NodePlan, TrainingPlan, WorkerAssignment
 
@@ -40,6 +41,24 @@ def hetero_plan() -> TrainingPlan:
                                                     WorkerAssignment(1, "CPU:b", 0, 0)))
 
 
+class FailOnce(TrainerCallback):
+    """Raise on `rank` at the end of `step`, once: the marker file says it happened."""
+
+    def __init__(self, step: int, rank: int, marker: str) -> None:
+        self.step, self.rank, self.marker = step, rank, marker
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import pathlib
+
+        import ray.train
+
+        marker = pathlib.Path(self.marker)
+        if (state.global_step == self.step and ray.train.get_context().get_world_rank() == self.rank
+                and not marker.exists()):
+            marker.write_text(f"rank {self.rank} failed at step {state.global_step}\n")
+            raise RuntimeError(f"FailOnce at step {state.global_step} on rank {self.rank}")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     import ray
@@ -47,15 +66,15 @@ def run(tmp_path_factory):
     from rayquant.trainer import RayQuantTrainer
 
     root = tmp_path_factory.mktemp("e2e")
-    saved = {k: os.environ.get(k) for k in ("RAYQUANT_CACHE", "RAYQUANT_FAIL_AT_STEP", "RAYQUANT_FAIL_RANK")}
-    os.environ.update(RAYQUANT_CACHE=str(root / "cache"), RAYQUANT_FAIL_AT_STEP=str(FAIL_AT_STEP),
-                      RAYQUANT_FAIL_RANK="1")
+    saved = {k: os.environ.get(k) for k in ("RAYQUANT_CACHE",)}
+    os.environ.update(RAYQUANT_CACHE=str(root / "cache"))
     try:
         trainer = RayQuantTrainer(
             model="rayquant/tiny-llama", dataset=DATA, plan=hetero_plan(),
             sft={"max_steps": MAX_STEPS, "learning_rate": 5e-3, "logging_steps": 1},
             run={"name": "e2e", "storage_path": str(root / "runs"), "checkpoint_every_steps": CHECKPOINT_EVERY,
-                 "max_failures": 1})
+                 "max_failures": 1},
+            callbacks=[FailOnce(FAIL_AT_STEP, rank=1, marker=str(root / "fault-injected"))])
         result = trainer.fit()
     finally:
         for k, v in saved.items():
@@ -82,7 +101,7 @@ def test_each_rank_ran_every_step_with_its_own_settings(run):
 
 @pytest.mark.ray
 def test_failed_worker_restarted_and_resumed_from_checkpoint(run):
-    marker = run.run_dir / ".rayquant-fault-injected"
+    marker = run.run_dir.parent.parent / "fault-injected"
     assert marker.read_text().startswith(f"rank 1 failed at step {FAIL_AT_STEP}")
     last_checkpoint = (FAIL_AT_STEP // CHECKPOINT_EVERY) * CHECKPOINT_EVERY
     assert [w["resumed_from_step"] for w in run.manifest["workers"]] == [last_checkpoint] * 2

@@ -6,7 +6,6 @@ report a WorkerStats with the adapter.
     sft.py              TRL's SFTTrainer over this rank's shard (arguments, sharded trainer class)
     callbacks.py        progress and checkpoints reported to Ray Train
     checkpoint.py       checkpoint contents (rank 0's CheckpointState) and resuming from them
-    fault_injection.py  test-only: fail one rank once (slated for removal)
 
 Importing this package loads neither torch nor transformers: Ray imports it for the
 worker_process_setup_hook (import_unsloth_first), which must run before transformers is imported.
@@ -54,10 +53,13 @@ def import_unsloth_first() -> None:
         import unsloth  # noqa: F401
 
 
-def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str, eval_ref=None) -> None:
+def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str, eval_ref=None,
+                          callbacks=()) -> None:
     """Train this rank as `config` says on its shard of the dataset behind `dataset_ref` (a Ray
     object reference to tokenized rows, rayquant.tokens), loading the base from `model_path` (this
-    node's copy of config.model); with `eval_ref`, evaluate on its slice of those eval rows."""
+    node's copy of config.model); with `eval_ref`, evaluate on its slice of those eval rows.
+    `callbacks`: the user's transformers TrainerCallbacks (RayQuantTrainer(callbacks=...)), added
+    to this rank's SFTTrainer."""
     import logging
 
     plan = config.plan
@@ -71,7 +73,6 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str, ev
     from rayquant.data import shard_indices
     from rayquant.loading import load_for_training, quantization_report, quantized_module_counts
     from rayquant.placement import check_worker_placement
-    from rayquant.worker import fault_injection
     from rayquant.worker.callbacks import ray_report
     from rayquant.worker.checkpoint import restored
     from rayquant.worker.device import check_device, device_map_for, peak_memory_bytes
@@ -150,7 +151,7 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str, ev
         extra.append(run_params_callback(plan.to_dict(), config.run_config))
     trainer, optimizer_used = make_sft_trainer(model, tokenizer, shard, node_plan, settings,
                                                os.path.join(work, "hf"),
-                                               [report, *extra, *fault_injection.callbacks(rank)], args=args,
+                                               [report, *extra, *callbacks], args=args,
                                                evaluation=evaluation)
     for callback in extra:
         callback.handler = trainer.callback_handler
