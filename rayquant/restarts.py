@@ -129,16 +129,13 @@ def classify(error: BaseException, plan, lost: Mapping[str, int]) -> Fault | Non
 
 
 def last_checkpoint_step(run_dir: Path) -> int:
-    """The global step of the newest training checkpoint in Ray Train's run directory (0: none)."""
-    from rayquant.worker.checkpoint import CHECKPOINT_SUBDIR, STATE_FILE
-
-    steps = [0]
-    for state in Path(run_dir).glob(f"*/{CHECKPOINT_SUBDIR}/{STATE_FILE}"):
-        try:
-            steps.append(int(json.loads(state.read_text())["global_step"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return max(steps)
+    """The global step of the last checkpoint Ray Train registered for the run (what a restart
+    resumes from; 0: none). A checkpoint the workers wrote but Ray Train never registered (the
+    run failed first) is not one."""
+    try:
+        return int(json.loads((Path(run_dir) / PROGRESS_FILE).read_text()).get("checkpoint_step", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def reached_step(run_dir: Path) -> int | None:

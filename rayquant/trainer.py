@@ -367,16 +367,19 @@ class RayQuantTrainer:
         return discover_node_types(self._ray_address())
 
     def _lost_nodes(self, error: BaseException, plan: TrainingPlan, node_types) -> dict[str, int]:
-        """Node type -> nodes of `plan`'s that left the cluster, when a worker's process died on a
-        live cluster; waits up to NODE_DEATH_WAIT_S for Ray to mark a dead node (its health check)."""
+        """Node type -> nodes of `plan`'s that left the cluster, on a live cluster after workers
+        failed; when a worker's process died, waits up to NODE_DEATH_WAIT_S for Ray to mark a dead
+        node (its health checks) before saying none did."""
         from rayquant.restarts import process_died, worker_exceptions
 
-        if node_types is None or not any(process_died(e) for e in worker_exceptions(error).values()):
+        failures = worker_exceptions(error)
+        if node_types is None or not failures:
             return {}
         import ray
 
         used = {nt.key: set(nt.node_ids) for nt in node_types if nt.key in {p.node_type for p in plan.node_plans}}
-        deadline = time.monotonic() + NODE_DEATH_WAIT_S
+        died = any(process_died(e) for e in failures.values())
+        deadline = time.monotonic() + (NODE_DEATH_WAIT_S if died else 0.0)
         while True:
             alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
             lost = {t: len(ids - alive) for t, ids in used.items() if ids - alive}
