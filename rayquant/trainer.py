@@ -49,9 +49,9 @@ _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE
 NODE_DEATH_WAIT_S = 30.0
 
 
-class RunOutOfMemoryError(RuntimeError):
-    """A worker ran out of memory with nothing cheaper left to re-plan to: a failed run. The message
-    names settings as {placeholders} (planner.vocab), which `render` spells per face."""
+class RunFaultError(RuntimeError):
+    """A fault the run could not survive (rayquant.restarts): a failed run. The message names
+    settings as {placeholders} (planner.vocab), which `render` spells per face."""
 
     def __init__(self, message: str) -> None:
         self.template = message
@@ -61,7 +61,11 @@ class RunOutOfMemoryError(RuntimeError):
         return render_settings(self.template, spell)
 
 
-class RunRestartsSpentError(RunOutOfMemoryError):
+class RunOutOfMemoryError(RunFaultError):
+    """A worker ran out of memory with nothing cheaper left to re-plan to."""
+
+
+class RunRestartsSpentError(RunFaultError):
     """The run needed another re-plan (out of memory, a lost node) than run.max_replans allows."""
 
 

@@ -320,3 +320,40 @@ def test_restart_lines_say_cause_step_change_and_resume_point():
     line = restart_line(1, lost, "workers 2 -> 1, nodes 2 -> 1", Fault("node_lost", 1, "CPU:1", "", lost={"CPU:1": 1}))
     assert line == ("[rayquant] restart 1: node lost (1 of CPU:1) on node type CPU:1 at step 5; workers 2 -> 1, "
                     "nodes 2 -> 1; starting over (no checkpoint yet)")
+
+
+def test_a_gpu_out_of_memory_is_written_as_calibration_the_next_plan_reads(tmp_path):
+    """The driver's calibration file from a GPU worker's out-of-memory report (no GPU needed: the
+    report is the worker's figures): the planner reads it and plans for at least that much memory."""
+    import planner
+    from planner.calibration import Calibration
+    from rayquant.contract import OutOfMemoryReport
+    from rayquant.trainer import _write_oom_calibration
+
+    spec = planner.load_model_spec("meta-llama/Llama-3.2-1B")
+    job = planner.JobSpec(seq_len=2048, global_batch_size=16)
+    plan = planner.make_plan(spec, planner.parse_gpu_spec("1x1xA10G"), job)
+    p = plan.node_plans[0]
+    est = planner.estimate_memory(spec, planner.lookup_gpu("A10G"), quantization=p.quantization, seq_len=2048,
+                                  micro_batch_size=p.micro_batch_size, gradient_checkpointing=p.gradient_checkpointing,
+                                  optimizer=p.optimizer, backend=p.backend)
+    seen = int(est.allocated_bytes * 1.5)
+    report = OutOfMemoryReport(rank=0, node_type=p.node_type, step=5, device="cuda:0", seen_bytes=seen,
+                               seen_source="torch.cuda.max_memory_allocated", capacity_bytes=24 * 2**30,
+                               reserved_bytes=seen + 2**28, message="OutOfMemoryError: CUDA out of memory")
+    path = _write_oom_calibration(plan, report, spec, tmp_path)
+    assert path == str(tmp_path / "calibration.json")
+    cal = Calibration.load(path)
+    assert cal.memory_factor("A10G", p.quantization) == pytest.approx(1.5, rel=1e-3)
+    # A second out-of-memory error adds its measurement to the same file.
+    _write_oom_calibration(plan, report, spec, tmp_path)
+    assert len(Calibration.load(path).measurements) == 2
+    # The next plan, made with it, does not plan that setting again: 1.5x its memory does not fit.
+    again = planner.make_plan(spec, planner.parse_gpu_spec("1x1xA10G"), job, calibration=cal)
+    q = again.node_plans[0]
+    assert (q.micro_batch_size, q.gradient_checkpointing, q.optimizer, q.quantization) != (
+        p.micro_batch_size, p.gradient_checkpointing, p.optimizer, p.quantization)
+    assert q.samples_per_step == p.samples_per_step == 16
+    # A CPU worker's peak RSS is no GPU calibration.
+    cpu = OutOfMemoryReport(**{**report.__dict__, "device": "cpu"})
+    assert _write_oom_calibration(plan, cpu, spec, tmp_path / "cpu") is None

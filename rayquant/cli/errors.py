@@ -35,7 +35,7 @@ INTERNAL_ERROR = 1
 # imported, so classifying imports nothing (an error's class is loaded when it was raised).
 _RUN_FAILURES = (("ray.exceptions", "RayError"), ("ray.train.v2._internal.exceptions", "RayTrainError"),
                  ("ray.train.base_trainer", "TrainingFailedError"), ("rayquant.adapters", "AdapterMismatchError"),
-                 ("rayquant.trainer", "TrainedNothingError"), ("rayquant.trainer", "RunOutOfMemoryError"),
+                 ("rayquant.trainer", "TrainedNothingError"), ("rayquant.trainer", "RunFaultError"),
                  ("rayquant.export", "ExportCheckError"),
                  (__name__, "RunFailedError"))
 # SettingError covers ConfigError, PlanError (InventoryError, CalibrationError, PlacementError, ...),
