@@ -337,18 +337,18 @@ def test_a_gpu_out_of_memory_is_written_as_calibration_the_next_plan_reads(tmp_p
     est = planner.estimate_memory(spec, planner.lookup_gpu("A10G"), quantization=p.quantization, seq_len=2048,
                                   micro_batch_size=p.micro_batch_size, gradient_checkpointing=p.gradient_checkpointing,
                                   optimizer=p.optimizer, backend=p.backend)
-    seen = int(est.allocated_bytes * 1.5)
+    seen = int(est.allocated_bytes * 1.8)
     report = OutOfMemoryReport(rank=0, node_type=p.node_type, step=5, device="cuda:0", seen_bytes=seen,
                                seen_source="torch.cuda.max_memory_allocated", capacity_bytes=24 * 2**30,
                                reserved_bytes=seen + 2**28, message="OutOfMemoryError: CUDA out of memory")
     path = _write_oom_calibration(plan, report, spec, tmp_path)
     assert path == str(tmp_path / "calibration.json")
     cal = Calibration.load(path)
-    assert cal.memory_factor("A10G", p.quantization) == pytest.approx(1.5, rel=1e-3)
+    assert cal.memory_factor("A10G", p.quantization) == pytest.approx(1.8, rel=1e-3)
     # A second out-of-memory error adds its measurement to the same file.
     _write_oom_calibration(plan, report, spec, tmp_path)
     assert len(Calibration.load(path).measurements) == 2
-    # The next plan, made with it, does not plan that setting again: 1.5x its memory does not fit.
+    # The next plan, made with it, does not plan that setting again: 1.8x its memory does not fit.
     again = planner.make_plan(spec, planner.parse_gpu_spec("1x1xA10G"), job, calibration=cal)
     q = again.node_plans[0]
     assert (q.micro_batch_size, q.gradient_checkpointing, q.optimizer, q.quantization) != (
