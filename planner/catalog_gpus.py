@@ -106,3 +106,37 @@ GENERIC_GPU = dict(cc=(8, 0), bf16=100.0, fp16=100.0, fp8=None, bw=500.0,
 CPU_ROW = dict(name="CPU", cc=(0, 0), bf16=0.5, fp16=0.5, fp8=None, bw=20.0,
                source="CPU pseudo-device: memory is host RAM; 0.5 TFLOPS and 20 GB/s are "
                       "order-of-magnitude figures for a few cores (not a GPU)")
+
+# Links, for the throughput model (planner.throughput): name -> (host link GB/s per direction,
+# GPU-to-GPU NVLink GB/s per direction or None where GPUs talk over PCIe, source). The host link
+# carries Unsloth's offloaded checkpoints; NVLink (else the host link) carries a node's all-reduce.
+#   PCIE  PCI Express x16 per direction: gen3 15.75, gen4 31.5, gen5 63 GB/s (PCI-SIG), rounded.
+#   NVL   NVIDIA datasheets: NVLink total bandwidth / 2 per direction (V100 SXM2 300, A100 SXM 600,
+#         H100/H200 SXM 900, B200 1800 GB/s); GH200's NVLink-C2C to the Grace CPU 900 GB/s total.
+# Rows that mix SXM and PCIe boards (V100) or pair boards with a bridge (H100 NVL, RTX A6000) get no
+# NVLink figure: the slower link is assumed.
+GPU_LINKS: dict[str, tuple[float, float | None, str]] = {
+    "T4": (16.0, None, "PCIE gen3"),
+    "V100-16GB": (16.0, None, "PCIE gen3 (SXM2 boards also have NVLink; not assumed)"),
+    "V100-32GB": (16.0, None, "PCIE gen3 (SXM2 boards also have NVLink; not assumed)"),
+    "A10": (32.0, None, "PCIE gen4"),
+    "A10G": (32.0, None, "PCIE gen4"),
+    "L4": (32.0, None, "PCIE gen4"),
+    "L40S": (32.0, None, "PCIE gen4"),
+    "RTX-3090": (32.0, None, "PCIE gen4"),
+    "RTX-4090": (32.0, None, "PCIE gen4"),
+    "RTX-A6000": (32.0, None, "PCIE gen4 (NVLink bridge pairs not assumed)"),
+    "RTX-6000-Ada": (32.0, None, "PCIE gen4"),
+    "A100-40GB": (32.0, 300.0, "PCIE gen4; NVL A100 SXM 600 GB/s"),
+    "A100-40GB-PCIe": (32.0, None, "PCIE gen4"),
+    "A100-80GB": (32.0, 300.0, "PCIE gen4; NVL A100 SXM 600 GB/s"),
+    "A100-80GB-PCIe": (32.0, None, "PCIE gen4"),
+    "H100-80GB": (64.0, 450.0, "PCIE gen5; NVL H100 SXM 900 GB/s"),
+    "H100-PCIe": (64.0, None, "PCIE gen5"),
+    "H100-NVL": (64.0, None, "PCIE gen5 (NVLink bridge pairs not assumed)"),
+    "H200": (64.0, 450.0, "PCIE gen5; NVL H200 SXM 900 GB/s (H200 NVL boards: bridge pairs)"),
+    "GH200": (450.0, 450.0, "NVL NVLink-C2C 900 GB/s to the Grace CPU; NVLink 900 GB/s"),
+    "B200": (64.0, 900.0, "PCIE gen5; NVL B200 1800 GB/s"),
+}
+# Any GPU not listed (a generic GPU given by memory): PCIe gen4, no NVLink.
+DEFAULT_LINK: tuple[float, float | None, str] = (32.0, None, "PCIE gen4 assumed")

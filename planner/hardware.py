@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from planner.catalog_gpus import CPU_ROW, GENERIC_GPU, GPU_ALIASES, GPU_ROWS
+from planner.catalog_gpus import CPU_ROW, DEFAULT_LINK, GENERIC_GPU, GPU_ALIASES, GPU_LINKS, GPU_ROWS
 from planner.host import host_memory_bytes
 from planner.plan import PlanError
 
@@ -40,6 +40,8 @@ class GpuSpec:
     bandwidth_gb_per_s: float
     source: str
     generic: bool = False  # a GPU known only by its memory size ("24GiB"): figures are assumed
+    host_link_gb_per_s: float = DEFAULT_LINK[0]  # GPU <-> host RAM, per direction
+    nvlink_gb_per_s: float | None = None  # GPU <-> GPU in a node, per direction; None: over PCIe
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nvml_names", tuple(self.nvml_names))
@@ -112,6 +114,8 @@ def _row_to_spec(row: Mapping[str, Any], memory_bytes: int | None = None, **chan
         compute_capability=row["cc"], bf16_tflops=row["bf16"], fp16_tflops=row["fp16"],
         fp8_tflops=row["fp8"], bandwidth_gb_per_s=row["bw"], source=row["source"],
         generic=changes.get("generic", False),
+        host_link_gb_per_s=GPU_LINKS.get(row.get("name"), DEFAULT_LINK)[0],
+        nvlink_gb_per_s=GPU_LINKS.get(row.get("name"), DEFAULT_LINK)[1],
     )
 
 

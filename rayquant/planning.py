@@ -127,7 +127,8 @@ def estimate(model: str, gpu: str, *, quantization: str = "nf4", double_quant: b
     tps = planner.tokens_per_second(spec, device, quantization=quantization, seq_len=seq_len,
                                     micro_batch_size=micro_batch_size, lora_rank=lora_rank,
                                     lora_targets=lora_targets, full_finetune=full_finetune,
-                                    gradient_checkpointing=gradient_checkpointing)
+                                    gradient_checkpointing=gradient_checkpointing, backend=backend,
+                                    optimizer=optimizer)
     factors = None
     peak = est.peak_bytes
     if calibration:
@@ -147,5 +148,8 @@ def estimate(model: str, gpu: str, *, quantization: str = "nf4", double_quant: b
         "allocated_bytes": est.allocated_bytes, "reserved_bytes": est.reserved_bytes,
         "breakdown_bytes": est.breakdown.as_dict(), "host_memory_bytes": est.host_bytes,
         "trainable_params": est.trainable_params, "fits": peak <= device.memory_bytes,
-        "max_seq_len": longest, "tokens_per_second": tps, "calibration": factors, "notes": notes,
+        "max_seq_len": longest, "tokens_per_second": tps,
+        # The median error of the throughput model on its check rows (docs/planner.md).
+        "tokens_per_second_error": planner.throughput.EXPECTED_ERROR,
+        "calibration": factors, "notes": notes,
     }

@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 from planner.hardware import GIB
+from planner.throughput import expected_error_text
 from planner.plan import MemoryBreakdown
 
 TERMS = tuple(f.name for f in dataclasses.fields(MemoryBreakdown))
@@ -37,8 +38,8 @@ def plan_table(plan, spell=None) -> str:
     job = plan.job
     lines = [f"Plan for {plan.model}: {plan.num_workers} worker(s), global batch "
              f"{plan.global_batch_size} x {job.seq_len} tokens, safety margin {job.safety_margin:.0%}",
-             f"Predicted throughput: up to {plan.tokens_per_second:,.0f} tokens/s (a FLOPs bound that ranks "
-             f"the choices; `rayquant calibrate` measures a GPU type)", ""]
+             f"Predicted throughput: {plan.tokens_per_second:,.0f} tokens/s ({expected_error_text()}: the "
+             f"model's median error on measured runs; `rayquant calibrate` measures a GPU type)", ""]
     heads = ["node type", "nodes", "workers", "quant", "micro", "accum", "optimizer", "ckpt",
              "placement", "peak/budget GiB", "tok/s/worker"]
     rows = [[p.node_type, p.nodes, p.num_workers, p.quantization, p.micro_batch_size,
@@ -111,6 +112,7 @@ def estimate_text(result: dict) -> str:
              f"\nfits: {'yes' if result['fits'] else 'NO'} ({gib(result['peak_memory_bytes'])} of "
              f"{gpu_gib:.2f} GiB); longest sequence that fits at micro-batch {cfg['micro_batch_size']}: "
              f"{result['max_seq_len']}; host RAM: {gib(result['host_memory_bytes'])} GiB; predicted "
-             f"{result['tokens_per_second']:,.0f} tokens/s; trainable parameters: "
+             f"{result['tokens_per_second']:,.0f} tokens/s "
+             f"({expected_error_text(result.get('tokens_per_second_error'))}); trainable parameters: "
              f"{result['trainable_params']:,}"]
     return "\n".join(lines + [f"note: {n}" for n in result["notes"]])

@@ -30,8 +30,8 @@ from planner.hardware import CPU_DEVICE
 from planner.plan import JobSpec, TrainingPlan
 from planner.replan import NothingCheaperError
 from planner.vocab import SettingError, render_settings
-from rayquant import planning
-from rayquant.cluster import connect, ray_address
+from rayquant import planning, quiet
+from rayquant.cluster import actor_runtime_env, connect, ray_address
 from rayquant.config import (ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, address_problems,
                              calibration_problems, coerce_options, data_problems, plan_problems,
                              python_spelling, render_options)
@@ -41,7 +41,7 @@ from rayquant.models import model_problems, resolve_model, tiny_arch
 # the driver. HF_TOKEN reaches the workers through Ray's runtime env, never a log line.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
                   "HF_TOKEN", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM", "UNSLOTH_DISABLE_CPU_FALLBACK",
-                  "RAYQUANT_CACHE")
+                  "RAYQUANT_CACHE", "RAYQUANT_VERBOSE")
 
 
 # How long a worker's death may take to show as its node's death in Ray's node table (Ray marks a
@@ -224,6 +224,7 @@ class RayQuantTrainer:
         return f"rayquant-{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     @_python_spelling
+    @quiet.quieted  # the libraries' known noise filtered here and in the workers (rayquant.quiet)
     def fit(self) -> TrainResult:
         """Train on Ray and return the gathered adapter; data problems are raised before Ray starts.
 
@@ -326,6 +327,7 @@ class RayQuantTrainer:
         # The workers' environment, set by Ray when it starts their processes (worker_runtime_env).
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(quiet.worker_env())
         env["RAYQUANT_BACKEND"] = plan.node_plans[0].backend
         # Ray Train routes workers' print() to a logger, which leaks the disassembly dill prints
         # into a captured stdout while `datasets` fingerprints TRL's map functions.
@@ -357,8 +359,7 @@ class RayQuantTrainer:
                 failure_config=FailureConfig(max_failures=0),
                 callbacks=[ProgressPrinter(run_dir / PROGRESS_FILE)],
                 logging_config=LoggingConfig(log_level="WARNING"),
-                worker_runtime_env={"env_vars": env,
-                                    "worker_process_setup_hook": "rayquant.worker.import_unsloth_first"}))
+                worker_runtime_env=actor_runtime_env(env, "rayquant.worker.import_unsloth_first")))
         return trainer.fit()
 
     def _live_node_types(self):

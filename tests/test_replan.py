@@ -23,7 +23,7 @@ def spec():
 @pytest.fixture(scope="module")
 def plan(spec):
     # Two node types, each worker 4 x 2 = 8 of the 24 sequences, 16-bit weights, fp32 AdamW.
-    return planner.make_plan(spec, planner.parse_gpu_spec("1x2xA10G,1x1xL4"),
+    return planner.make_plan(spec, planner.parse_gpu_spec("1x2xA10G,1x1xA10G"),
                              planner.JobSpec(seq_len=2048, global_batch_size=24))
 
 
@@ -44,7 +44,7 @@ def test_the_ladder_walks_micro_batch_then_checkpointing_optimizer_and_4bit(plan
         # Each rank's share and the global batch stay; the other node type is untouched.
         assert r.plan.node_plan("A10G:2").samples_per_step == 8
         assert r.plan.global_batch_size == plan.global_batch_size == 24
-        assert r.plan.node_plan("L4:1") == plan.node_plan("L4:1")
+        assert r.plan.node_plan("A10G:1") == plan.node_plan("A10G:1")
         current = r.plan
     assert steps == ["micro-batch 4 -> 2, accumulation 2 -> 4", "micro-batch 2 -> 1, accumulation 4 -> 8",
                      "checkpointing none -> hf", "checkpointing hf -> unsloth",
@@ -91,7 +91,7 @@ def test_nothing_cheaper_says_the_memory_seen_and_what_would_fit(plan, spec):
     p = dataclasses.replace(plan.node_plan("A10G:2"), micro_batch_size=1, gradient_accumulation_steps=8,
                             gradient_checkpointing="unsloth", optimizer="paged_adamw_8bit",
                             quantization="nf4")
-    spent = dataclasses.replace(plan, node_plans=(p, plan.node_plan("L4:1")))
+    spent = dataclasses.replace(plan, node_plans=(p, plan.node_plan("A10G:1")))
     with pytest.raises(NothingCheaperError) as e:
         replan_out_of_memory(spent, "A10G:2", model=spec, step=7, seen_bytes=int(21.5 * GIB),
                              capacity_bytes=int(22 * GIB))
@@ -114,14 +114,14 @@ def test_nothing_cheaper_says_the_memory_seen_and_what_would_fit(plan, spec):
 
 
 def test_changed_settings_for_a_lost_node(plan):
-    lost = dataclasses.replace(plan, node_plans=(dataclasses.replace(plan.node_plan("L4:1"),
+    lost = dataclasses.replace(plan, node_plans=(dataclasses.replace(plan.node_plan("A10G:1"),
                                                                      gradient_accumulation_steps=6),),
                                workers=(dataclasses.replace(plan.workers[-1], rank=0),))
     before, after = changed_settings(plan, lost, "A10G:2")
     assert before["nodes"] == 1 and after["nodes"] == 0
     assert (before["num_workers"], after["num_workers"]) == (3, 1)
-    assert before["node_types"] == {"L4:1": {"gradient_accumulation_steps": 2}}
-    assert after["node_types"] == {"L4:1": {"gradient_accumulation_steps": 6}}
+    assert before["node_types"] == {"A10G:1": {"gradient_accumulation_steps": 2}}
+    assert after["node_types"] == {"A10G:1": {"gradient_accumulation_steps": 6}}
     line = describe_changes(before, after)
     assert line.startswith("workers 3 -> 1, nodes 1 -> 0")
-    assert "on L4:1: accumulation 2 -> 6" in line
+    assert "on A10G:1: accumulation 2 -> 6" in line

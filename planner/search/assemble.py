@@ -11,7 +11,7 @@ from planner.model import load_model_spec
 from planner.plan import JobSpec, NodePlan, PlanError, TrainingPlan, WorkerAssignment
 from planner.search.batching import distribute, divisors, pacing_warnings
 from planner.search.candidates import TypeSearch, best_candidate, search_type
-from planner.search.policy import MAX_MICRO_BATCH
+from planner.search.policy import MAX_MICRO_BATCH, better
 from planner.search.reasons import reasons, shortfall
 
 # No calibration file: every factor is 1.0 (Calibration's rule where it has no measurement).
@@ -23,7 +23,13 @@ def _node_plan(spec: ModelSpec, ts: TypeSearch, job: JobSpec, samples: int,
     """The settings of one node type for its `samples` per optimizer step."""
     nt = ts.node_type
     micro = divisors(samples, MAX_MICRO_BATCH) if job.micro_batch_size is None else (job.micro_batch_size,)
-    cfg = best_candidate(spec, nt, job, ts.budget, ts.quantizations, ts.placement, micro, calibration)
+    # Each quantization's best at these micro-batches (the reason names them all), then the best.
+    options = {q: best_candidate(spec, nt, job, ts.budget, (q,), ts.placement, micro, calibration)
+               for q in ts.quantizations}
+    cfg = None
+    for c in options.values():
+        if better(c, cfg, job):
+            cfg = c
     if cfg is None:  # the largest divisor exceeded what fits; the share search used a fitting size
         cfg = ts.best
         samples = cfg.micro_batch * max(1, round(samples / cfg.micro_batch))
@@ -38,7 +44,7 @@ def _node_plan(spec: ModelSpec, ts: TypeSearch, job: JobSpec, samples: int,
         gpus_per_worker=nt.gpus_per_node if cfg.placement == "node-spanning" else 1,
         peak_memory_bytes=cfg.peak_bytes, memory_budget_bytes=ts.budget,
         breakdown=cfg.estimate.breakdown, tokens_per_second=cfg.tokens_per_s,
-        reasons=reasons(ts, cfg, job, accum, samples), double_quant=job.double_quant,
+        reasons=reasons(ts, cfg, job, accum, samples, options, spec), double_quant=job.double_quant,
         fp8_path=fp8_path_for(nt.gpu.compute_capability) if cfg.quantization == "fp8" else None,
         # Dynamic 4-bit may spend what the plan leaves free keeping sensitive modules 16-bit.
         protected_budget_bytes=(max(0, ts.budget - cfg.peak_bytes) if cfg.quantization == "dynamic-4bit"

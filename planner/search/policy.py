@@ -11,7 +11,8 @@ import math
 from typing import TYPE_CHECKING
 
 from planner.architecture import ModelSpec
-from planner.hardware import GpuSpec, NodeType, fp8_path_for
+from planner.hardware import GIB, GpuSpec, NodeType, fp8_path_for
+from planner.memory import budget_bytes
 from planner.plan import JobSpec, PlanError
 from planner.vocab import OPTIMIZERS
 
@@ -35,9 +36,10 @@ def allowed_quantizations(model: ModelSpec, gpu: GpuSpec, job: JobSpec) -> tuple
 
     A pin is honoured or refused (FP8 without FP8 tensor cores, 4-bit with full fine-tuning); bf16
     pinned on a GPU without bf16 becomes fp16. Unpinned: full fine-tuning is 16-bit only, a
-    bitsandbytes 4-bit checkpoint stays NF4, else 16-bit, FP8 where Unsloth's FP8 path runs (and
-    rayquant's row-wise FP8 on cc 8.9 only with prefer=speed: it is not faster there, see
-    planner.throughput), then dynamic 4-bit.
+    bitsandbytes 4-bit checkpoint stays NF4, else 16-bit, FP8 where an FP8 path runs (Unsloth's on
+    cc >= 9.0; rayquant's row-wise linear on cc 8.9, where the 16-bit weights must fit to load),
+    then dynamic 4-bit. Every preference tries the same ones: which is fastest is the throughput
+    model's answer (planner.throughput), so balanced and speed agree.
     """
     notes: dict[str, str] = {}
     fp8_path = fp8_path_for(gpu.compute_capability)
@@ -60,8 +62,19 @@ def allowed_quantizations(model: ModelSpec, gpu: GpuSpec, job: JobSpec) -> tuple
         notes["quantization"] = f"{model.name} is a pre-quantized bitsandbytes 4-bit checkpoint"
         return ("nf4",), notes
     out = [sixteen_bit(gpu)]
-    if fp8_path == "unsloth" or (fp8_path == "rowwise" and job.prefer == "speed"):
+    if fp8_path == "unsloth":
         out.append("fp8")
+    elif fp8_path == "rowwise":
+        # cc 8.9: the worker loads the 16-bit weights onto the GPU, then converts the linears to
+        # FP8 (rayquant/fp8.py): FP8 is a choice only where those 16-bit weights fit the budget.
+        load = 2 * model.num_params
+        budget = budget_bytes(gpu.memory_bytes, job.safety_margin)
+        if load <= budget:
+            out.append("fp8")
+        else:
+            notes["fp8"] = (f"fp8 not tried: on compute capability {gpu.compute_capability_str} the "
+                            f"worker loads the 16-bit weights first ({load / GIB:.1f} GiB > "
+                            f"{budget / GIB:.1f} GiB budget)")
     out.append("dynamic-4bit")
     return tuple(out), notes
 

@@ -5,6 +5,7 @@ face spells its own way (planner.vocab)."""
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 from planner.architecture import ModelSpec
 from planner.hardware import GIB, fp8_path_for
@@ -16,33 +17,77 @@ from planner.search.policy import SIXTEEN_BIT, checkpointing_modes
 FP8_PATH_NAMES = {"unsloth": "Unsloth load_in_fp8", "rowwise": "rayquant's row-wise FP8 linear"}
 
 
-def _quantization_reason(ts: TypeSearch, cfg: Candidate, job: JobSpec) -> str:
+def _smallest_peak(model: ModelSpec, ts: TypeSearch, job: JobSpec, q: str) -> int:
+    """The predicted peak of `q`'s smallest configuration on one GPU of `ts` (micro-batch 1 or the
+    pinned one, recomputation, 8-bit AdamW unless pinned)."""
+    modes = checkpointing_modes(job, job.backend)
+    ckpt = "hf" if "hf" in modes else modes[-1]
+    shards = ts.node_type.num_gpus if ts.placement == "zero3" else 1
+    return estimate_memory(model, ts.node_type.gpu, quantization=q, double_quant=job.double_quant,
+                           backend="hf" if ts.placement == "zero3" else job.backend,
+                           seq_len=job.seq_len, micro_batch_size=job.micro_batch_size or 1,
+                           lora_rank=job.lora_rank, lora_targets=job.lora_targets,
+                           full_finetune=job.full_finetune, gradient_checkpointing=ckpt,
+                           optimizer=job.optimizer or "adamw_8bit", num_shards=shards).peak_bytes
+
+
+def _compared(ts: TypeSearch, cfg: Candidate, job: JobSpec, options: Mapping[str, Candidate | None],
+              model: ModelSpec | None) -> str:
+    """'nf4 (1,420 tok/s) and bf16 (does not fit: 31.2 GiB > 22.1 GiB)': the quantizations tried
+    besides the chosen one, each with its predicted tokens/s or why it is out."""
+    out = []
+    for q in ts.quantizations:
+        if q == cfg.quantization:
+            continue
+        c = options.get(q)
+        if c is not None:
+            out.append(f"{q} ({c.tokens_per_s:,.0f} tok/s)")
+        elif model is not None and ts.placement != "node-spanning":
+            need = _smallest_peak(model, ts, job, q)
+            out.append(f"{q} (does not fit: {need / GIB:.1f} GiB > {ts.budget / GIB:.1f} GiB)")
+        else:
+            out.append(f"{q} (does not fit)")
+    return " and ".join([", ".join(out[:-1]), out[-1]] if len(out) > 2 else out)
+
+
+def _quantization_reason(ts: TypeSearch, cfg: Candidate, job: JobSpec,
+                         options: Mapping[str, Candidate | None] | None = None,
+                         model: ModelSpec | None = None) -> str:
     gpu = ts.node_type.gpu
     q = cfg.quantization
     path = fp8_path_for(gpu.compute_capability)
     if job.quantization:
-        return f"pinned to {q}" + (f" (FP8 via {FP8_PATH_NAMES[path]})" if q == "fp8" else "")
-    if q == "fp8":
-        via = FP8_PATH_NAMES[path] + (" (Unsloth's FP8 path needs cc 9.x)" if path == "rowwise" else "")
-        return (f"FP8 on compute capability {gpu.compute_capability_str} via {via}: fastest that fits "
-                f"({cfg.tokens_per_s:,.0f} tok/s)")
-    if q in SIXTEEN_BIT:
-        why = ("full fine-tuning needs 16-bit weights" if job.full_finetune else
-               "most accurate and it fits" if job.prefer == "accuracy" else
-               "fits with room to spare and needs no dequantization: fastest")
-        no_bf16 = "" if gpu.supports_bf16 else f"; {gpu.name} has no bf16, so fp16 compute"
-        return f"{q} weights ({why}){no_bf16}"
-    if q == "dynamic-4bit":
-        others = [x for x in ts.quantizations if x != q]
-        return ("dynamic 4-bit (NF4 + double quant, sensitive modules kept 16-bit within the spare memory)"
-                + (f": {', '.join(others)} does not fit or is slower" if others else ""))
-    return f"{q}: 4-bit NF4 weights as stored"
+        return f"pinned to {q}" + (f" (FP8 via {FP8_PATH_NAMES[path]})" if q == "fp8" and path else "")
+    head = {"fp8": f"FP8 via {FP8_PATH_NAMES.get(path, 'FP8')}",
+            "dynamic-4bit": "dynamic 4-bit (NF4 + double quant, sensitive modules kept 16-bit within "
+                            "the spare memory)",
+            "nf4": "4-bit NF4 weights as stored"}.get(q, f"{q} weights")
+    if job.full_finetune:
+        why = "full fine-tuning needs 16-bit weights"
+    elif model is not None and model.prequantized == "bnb-4bit":
+        why = "the only scheme for this checkpoint"
+    elif job.prefer == "accuracy":
+        why = "the most precise that fits"
+    else:
+        why = "the fastest predicted that fits"
+    text = f"{q}: {head}; {why} ({cfg.tokens_per_s:,.0f} tok/s)"
+    compared = _compared(ts, cfg, job, options or {}, model)
+    if compared:
+        text += f", over {compared}"
+    if not gpu.supports_bf16 and q in SIXTEEN_BIT:
+        text += f"; {gpu.name} has no bf16, so fp16 compute"
+    if ts.notes.get("fp8"):
+        text += f"; {ts.notes['fp8']}"
+    return text
 
 
-def reasons(ts: TypeSearch, cfg: Candidate, job: JobSpec, accum: int, samples: int) -> dict[str, str]:
-    """Choice -> one-line reason, for the NodePlan of `ts`'s node type."""
+def reasons(ts: TypeSearch, cfg: Candidate, job: JobSpec, accum: int, samples: int,
+            options: Mapping[str, Candidate | None] | None = None,
+            model: ModelSpec | None = None) -> dict[str, str]:
+    """Choice -> one-line reason, for the NodePlan of `ts`'s node type. `options`: each tried
+    quantization's best candidate (None: nothing fits), which the quantization's reason compares."""
     gpu = ts.node_type.gpu
-    r = {"quantization": _quantization_reason(ts, cfg, job)}
+    r = {"quantization": _quantization_reason(ts, cfg, job, options, model)}
     if ts.notes.get("quantization"):
         r["quantization"] = ts.notes["quantization"] + "; " + r["quantization"]
     r["micro_batch_size"] = (f"pinned to {cfg.micro_batch}" if job.micro_batch_size else
@@ -57,7 +102,7 @@ def reasons(ts: TypeSearch, cfg: Candidate, job: JobSpec, accum: int, samples: i
                                    "none: activations fit, no recomputation"
                                    if cfg.checkpointing == "none" else
                                    f"{cfg.checkpointing}: activations of every layer do not fit; "
-                                   "recompute (+~33% compute)" + (", layer inputs offloaded to host RAM"
+                                   f"recompute (+{33 if job.full_finetune else 50}% GEMM work: one more forward)" + (", layer inputs offloaded to host RAM"
                                                                   if cfg.checkpointing == "unsloth" else ""))
     r["placement"] = {
         "per-gpu": "one worker per GPU (DDP): the model fits one GPU",

@@ -24,9 +24,10 @@ from typing import Callable, Mapping
 
 import click
 
+from rayquant import quiet
 from rayquant.config import setting_of, yaml_spelling
 
-VERBOSE_ENV = "RAYQUANT_VERBOSE"  # also read by the trainer; `rayquant --verbose` sets it
+VERBOSE_ENV = quiet.VERBOSE_ENV  # read by the trainer and its workers; `rayquant --verbose` sets it
 USER_ERROR = 2
 RUN_FAILED = 1
 INTERNAL_ERROR = 1
@@ -90,7 +91,7 @@ def verbose(meta: Mapping | None = None) -> bool:
     """True with `rayquant --verbose` or RAYQUANT_VERBOSE set (to anything but 0/false/no)."""
     if meta is not None and meta.get(_VERBOSE):
         return True
-    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return quiet.verbose()
 
 
 def set_verbose(ctx: click.Context) -> None:

@@ -48,7 +48,11 @@ __all__ = ["import_unsloth_first", "train_loop_per_worker"]
 
 def import_unsloth_first() -> None:
     """Ray worker_process_setup_hook: Unsloth patches transformers/TRL only when imported before
-    them, and Ray's worker start-up may import transformers before the train loop runs."""
+    them, and Ray's worker start-up may import transformers before the train loop runs. The
+    known library noise is filtered first (rayquant.quiet)."""
+    from rayquant import quiet
+
+    quiet.install_worker()
     if os.environ.get("RAYQUANT_BACKEND", "unsloth") == "unsloth":
         import unsloth  # noqa: F401
 
