@@ -29,7 +29,7 @@ from planner.atomic import write_atomically
 from planner.hardware import CPU_DEVICE
 from planner.plan import JobSpec, TrainingPlan
 from planner.replan import NothingCheaperError
-from planner.vocab import SettingError, render_settings
+from planner.vocab import SettingError
 from rayquant import planning, quiet
 from rayquant.cluster import actor_runtime_env, connect, ray_address
 from rayquant.config import (ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, address_problems,
@@ -51,14 +51,15 @@ NODE_DEATH_WAIT_S = 30.0
 
 class RunFaultError(RuntimeError):
     """A fault the run could not survive (rayquant.restarts): a failed run. The message names
-    settings as {placeholders} (planner.vocab), which `render` spells per face."""
+    settings and options as {placeholders} ({seq_len}, {run.max_replans}), which `render` spells
+    per face (str(): neutral names and option paths)."""
 
     def __init__(self, message: str) -> None:
         self.template = message
-        super().__init__(render_settings(message))
+        super().__init__(render_options(message))
 
     def render(self, spell=None) -> str:
-        return render_settings(self.template, spell)
+        return render_options(self.template, spell)
 
 
 class RunOutOfMemoryError(RunFaultError):

@@ -206,6 +206,24 @@ def test_out_of_memory_with_nothing_cheaper_fails_with_the_figures(root, oom_run
     assert "unpin sft.micro_batch_size (pinned to 4)" in err.getvalue()
 
 
+# -- a real run: out of memory with run.max_replans 0 -------------------------------------------------
+
+@pytest.mark.ray
+def test_out_of_memory_beyond_max_replans_fails_the_run(root, oom_run):
+    from rayquant.cli.errors import kind_of
+    from rayquant.trainer import RunRestartsSpentError
+
+    trainer = _trainer(root, "no-replans", OutOfMemoryOnce(1, rank=0, marker=str(root / "no-replans")),
+                       run={"max_replans": 0})
+    with pytest.raises(RunRestartsSpentError) as e:
+        trainer.fit()
+    text = str(e.value)
+    assert text.startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "the run re-planned 0 time(s), as many as run.max_replans (0) allows. To fix: raise run.max_replans" in text
+    assert kind_of(e.value) == "run"
+    assert not (root / "runs" / "no-replans" / "adapter").exists()
+
+
 # -- a real run: a worker SIGKILLed at step 3, restarted by run.max_failures -------------------------
 
 @pytest.mark.ray
