@@ -279,11 +279,13 @@ class RayQuantTrainer:
                     raise
                 replanned = fault.cause in REPLANNED
                 if replanned and replans >= run.max_replans:
+                    less = (", or plan for less memory (a smaller {seq_len}, or a `calibration` file)"
+                            if fault.cause == "out_of_memory" else "")
                     raise RunRestartsSpentError(
                         f"{fault.message}; the run re-planned {replans} time(s), as many as "
-                        f"{{run.max_replans}} ({run.max_replans}) allows. To fix: raise {{run.max_replans}}, "
-                        f"or plan for less memory (a smaller {{seq_len}} or a `calibration` file). "
-                        f"Checkpoints are in {run_dir}") from error
+                        f"{{run.max_replans}} ({run.max_replans}) allows. To fix: raise {{run.max_replans}}"
+                        f"{less}; rerun with the same {{run.name}} to resume from the last checkpoint "
+                        f"(in {run_dir})") from error
                 if not replanned and failures >= run.max_failures:
                     raise
                 plan = self._restart(fault, plan, run_dir, restarts)
@@ -414,8 +416,14 @@ class RayQuantTrainer:
                 where = f" The memory seen is in {calibration_file} (pass it as `calibration`)." if calibration_file else ""
                 raise RunOutOfMemoryError(e.template + where) from None
         elif fault.cause == "node_lost":
-            left = self._live_node_types()
-            new = planning.make_plan(self.model, left, plan.job, calibration=self.calibration)
+            from planner.plan import PlanError
+
+            try:
+                new = planning.make_plan(self.model, self._live_node_types(), plan.job,
+                                         calibration=self.calibration)
+            except PlanError as e:
+                raise RunFaultError(f"{fault.message}, and the nodes left cannot run the job: {e.template}. "
+                                    f"Checkpoints are in {run_dir}") from None
         before, after = changed_settings(plan, new, fault.node_type) if fault.node_type else ({}, {})
         restart = Restart(at_step=at_step, cause=fault.cause, node_type=fault.node_type, before=before,
                           after=after, resumed_from_step=last_checkpoint_step(run_dir), rank=fault.rank,

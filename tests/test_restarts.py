@@ -178,7 +178,7 @@ def test_the_restart_is_recorded_and_printed(oom_run):
 # -- a real run: out of memory with every setting pinned: nothing cheaper --------------------------
 
 @pytest.mark.ray
-def test_out_of_memory_with_nothing_cheaper_fails_with_the_figures(root, oom_run):
+def test_out_of_memory_with_nothing_cheaper_fails_with_the_figures(root):
     from rayquant.cli.errors import RUN_FAILED, kind_of, report
     from rayquant.config import yaml_spelling
     from rayquant.trainer import RunOutOfMemoryError
@@ -209,7 +209,7 @@ def test_out_of_memory_with_nothing_cheaper_fails_with_the_figures(root, oom_run
 # -- a real run: out of memory with run.max_replans 0 -------------------------------------------------
 
 @pytest.mark.ray
-def test_out_of_memory_beyond_max_replans_fails_the_run(root, oom_run):
+def test_out_of_memory_beyond_max_replans_fails_the_run(root):
     from rayquant.cli.errors import kind_of
     from rayquant.trainer import RunRestartsSpentError
 
@@ -227,7 +227,7 @@ def test_out_of_memory_beyond_max_replans_fails_the_run(root, oom_run):
 # -- a real run: a worker SIGKILLed at step 3, restarted by run.max_failures -------------------------
 
 @pytest.mark.ray
-def test_a_killed_worker_is_restarted_with_the_same_plan_and_recorded(root, oom_run):
+def test_a_killed_worker_is_restarted_with_the_same_plan_and_recorded(root):
     kill = KillOnce(OOM_AT_STEP, rank=1, marker=str(root / "killed"), run_dir=str(root / "runs" / "killed"),
                     checkpoint_step=CHECKPOINT_EVERY)
     trainer = _trainer(root, "killed", kill, run={"max_failures": 1})
