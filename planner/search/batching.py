@@ -12,6 +12,7 @@ from typing import Sequence
 
 from planner.plan import JobSpec
 from planner.search.candidates import TypeSearch
+from planner.search.policy import better
 
 # A global batch other than the one asked for is used only when it makes the step this much faster.
 EXACT_BATCH_SLOWDOWN = 1.25
@@ -20,11 +21,15 @@ MAX_BATCH_OVERSHOOT = 0.125  # ... and is at most this much larger (unless no ex
 PACING_WARNING = 1.5
 
 
-def worker_rate(t: TypeSearch, n: int) -> float | None:
-    """Tokens/s of one worker of type `t` taking `n` samples per step: the best micro-batch the
-    search tried that divides `n` (None when none does: a pinned micro-batch that does not)."""
-    rates = [r for m, r in t.rates.items() if n % m == 0]
-    return max(rates) if rates else None
+def worker_rate(t: TypeSearch, n: int, job: JobSpec) -> float | None:
+    """Tokens/s of one worker of type `t` taking `n` samples per step: that of the best
+    configuration (policy.better) at the micro-batches the search tried that divide `n` (None when
+    none does: a pinned micro-batch that does not)."""
+    best = None
+    for m, c in t.by_micro.items():
+        if n % m == 0 and better(c, best, job):
+            best = c
+    return None if best is None else best.tokens_per_s
 
 
 def totals(sizes: Sequence[int], allowed: Sequence[Sequence[int]], cap: int) -> list[int]:
@@ -54,7 +59,7 @@ def distribute(job: JobSpec, types: Sequence[TypeSearch]) -> tuple[list[int], li
     W = [t.node_type.count * t.workers_per_node for t in types]
     # Each type's counts up to the cap and their step time (seconds per token of a sequence: the
     # same scale for all types), cheapest count first for the smallest batch.
-    least = [min(t.rates) for t in types]
+    least = [min(t.by_micro) for t in types]
     smallest = sum(w * n for w, n in zip(W, least))
     if smallest >= G:  # the smallest count per worker already meets the batch
         warnings = [] if smallest == G else [
@@ -62,7 +67,7 @@ def distribute(job: JobSpec, types: Sequence[TypeSearch]) -> tuple[list[int], li
             f"{min(least)} sequence(s) each): the plan uses {smallest}"]
         return least, warnings
     cap = max(math.floor(G * (1 + MAX_BATCH_OVERSHOOT)), G + max(w * n for w, n in zip(W, least)))
-    step = [{n: n / r for n in range(1, cap // w + 1) if (r := worker_rate(t, n))}
+    step = [{n: n / r for n in range(1, cap // w + 1) if (r := worker_rate(t, n, job))}
             for t, w in zip(types, W)]
     thresholds = sorted({x for s in step for x in s.values()})
 
@@ -123,7 +128,7 @@ def distribute(job: JobSpec, types: Sequence[TypeSearch]) -> tuple[list[int], li
 def cluster_tokens_per_second(job: JobSpec, types: Sequence[TypeSearch], samples: Sequence[int]) -> float:
     """Cluster tokens/s: the global batch over the slowest worker's step."""
     total = sum(t.node_type.count * t.workers_per_node * n for t, n in zip(types, samples))
-    return total * job.seq_len / max(n * job.seq_len / worker_rate(t, n) for t, n in zip(types, samples))
+    return total * job.seq_len / max(n * job.seq_len / worker_rate(t, n, job) for t, n in zip(types, samples))
 
 
 def pacing_warnings(job: JobSpec, types: Sequence[TypeSearch], samples: Sequence[int]) -> list[str]:

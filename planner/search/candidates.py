@@ -47,9 +47,9 @@ class TypeSearch:
     workers_per_node: int
     best: Candidate | None  # fastest config at the largest micro-batch (for the batch shares)
     notes: Mapping[str, str]
-    # The best tokens/s at each micro-batch the search tries (powers of two, or the pinned one)
-    # that fits: a worker's speed at n samples per step is that of the best micro-batch dividing n.
-    rates: Mapping[int, float] = field(default_factory=dict)
+    # The best configuration at each micro-batch the search tries (powers of two, or the pinned one)
+    # that fits: a worker taking n samples per step runs the best of those dividing n.
+    by_micro: Mapping[int, Candidate] = field(default_factory=dict)
 
 
 def evaluate(model: ModelSpec, nt: NodeType, job: JobSpec, budget: int, quantization: str,
@@ -120,13 +120,10 @@ def search_type(model: ModelSpec, nt: NodeType, job: JobSpec, calibration: Calib
     budget = budget_bytes(nt.gpu.memory_bytes, job.safety_margin)
     quants, notes = allowed_quantizations(model, nt.gpu, job)
     for placement, workers_per_node in placements(nt):
-        q = placement_quantizations(quants, placement, nt.gpu)
+        q = placement_quantizations(quants, placement)
         best = best_candidate(model, nt, job, budget, q, placement, micro_batches(job), calibration)
         if best is not None:
-            rates = {}
-            for m in micro_batches(job):
-                c = best_candidate(model, nt, job, budget, q, placement, (m,), calibration)
-                if c is not None:
-                    rates[m] = c.tokens_per_s
-            return TypeSearch(nt, budget, q, placement, workers_per_node, best, notes, rates)
+            by_micro = {m: c for m in micro_batches(job)
+                        if (c := best_candidate(model, nt, job, budget, q, placement, (m,), calibration))}
+            return TypeSearch(nt, budget, q, placement, workers_per_node, best, notes, by_micro)
     return TypeSearch(nt, budget, quants, "per-gpu", nt.gpus_per_node, None, notes)
