@@ -10,7 +10,8 @@ re-plans that node type one rung down this ladder and restarts from the last che
    the layer inputs to host RAM; unsloth only on the unsloth backend);
 3. then the 8-bit optimizer (adamw_torch -> adamw_8bit -> paged_adamw_8bit, whose states page to
    host RAM);
-4. then 4-bit weights (16-bit or FP8 -> dynamic-4bit -> nf4), for LoRA outside ZeRO-3.
+4. then 4-bit weights (16-bit, FP8 or dynamic 4-bit -> nf4: dynamic 4-bit would spend memory the plan
+   thought free on 16-bit modules), for LoRA outside ZeRO-3.
 
 A setting the user pinned in the job is never changed. When no rung is left, NothingCheaperError
 says how much memory the worker saw and what would fit. Settings in messages are {placeholders}
@@ -34,8 +35,9 @@ from planner.vocab import OPTIMIZERS
 # The settings a rung may change, in ladder order, and the JobSpec field that pins each.
 LADDER_SETTINGS = ("micro_batch_size", "gradient_checkpointing", "optimizer", "quantization")
 _CHECKPOINTING_ORDER = ("none", "hf", "unsloth")
-_QUANTIZATION_NEXT = {"bf16": "dynamic-4bit", "fp16": "dynamic-4bit", "fp8": "dynamic-4bit",
-                      "dynamic-4bit": "nf4"}
+# Straight to NF4: dynamic 4-bit spends what the plan leaves free on 16-bit modules, and after an
+# out-of-memory error nothing the plan left free is to be trusted.
+_QUANTIZATION_NEXT = {"bf16": "nf4", "fp16": "nf4", "fp8": "nf4", "dynamic-4bit": "nf4"}
 # The settings compared between two plans (rayquant's restart records show those that changed).
 COMPARED = ("nodes", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
             "optimizer", "quantization", "placement")
@@ -131,9 +133,8 @@ def replan_out_of_memory(plan: TrainingPlan, node_type: str, *, model: ModelSpec
             for key, value in change.items():
                 reasons[key] = f"re-planned to {value} after running out of memory{at}{seen}"
             p = _estimated(dataclasses.replace(p, **change, reasons=reasons), plan.job, model)
-            if p.quantization == "dynamic-4bit":
-                p = dataclasses.replace(p, protected_budget_bytes=max(0, p.memory_budget_bytes
-                                                                      - p.peak_memory_bytes))
+            if p.quantization != "dynamic-4bit":
+                p = dataclasses.replace(p, protected_budget_bytes=0)
             if p.quantization != "fp8":
                 p = dataclasses.replace(p, fp8_path=None)
         node_plans.append(p)

@@ -49,7 +49,7 @@ def test_the_ladder_walks_micro_batch_then_checkpointing_optimizer_and_4bit(plan
     assert steps == ["micro-batch 4 -> 2, accumulation 2 -> 4", "micro-batch 2 -> 1, accumulation 4 -> 8",
                      "checkpointing none -> hf", "checkpointing hf -> unsloth",
                      "optimizer adamw_torch -> adamw_8bit", "optimizer adamw_8bit -> paged_adamw_8bit",
-                     "quantization bf16 -> dynamic-4bit", "quantization dynamic-4bit -> nf4"]
+                     "quantization bf16 -> nf4"]
 
 
 def test_a_cheaper_rung_predicts_less_memory_and_says_why(plan, spec):
@@ -75,14 +75,15 @@ def test_pinned_settings_are_never_changed(plan):
     p = plan.node_plan("A10G:2")
     assert cheaper(p, job) == {"gradient_checkpointing": "hf"}
     spent = dataclasses.replace(p, gradient_checkpointing="unsloth")
-    assert cheaper(spent, job) == {"quantization": "dynamic-4bit"}
+    assert cheaper(spent, job) == {"quantization": "nf4"}
+    assert cheaper(dataclasses.replace(spent, quantization="dynamic-4bit"), job) == {"quantization": "nf4"}
     assert cheaper(dataclasses.replace(spent, quantization="nf4"), job) is None
 
 
 def test_zero3_and_full_finetuning_keep_16bit_weights(plan):
     p = dataclasses.replace(plan.node_plan("A10G:2"), micro_batch_size=1, gradient_accumulation_steps=8,
                             gradient_checkpointing="unsloth", optimizer="paged_adamw_8bit")
-    assert cheaper(p, plan.job) == {"quantization": "dynamic-4bit"}
+    assert cheaper(p, plan.job) == {"quantization": "nf4"}
     assert cheaper(dataclasses.replace(p, placement="zero3"), plan.job) is None
     assert cheaper(p, dataclasses.replace(plan.job, full_finetune=True)) is None
 
