@@ -36,7 +36,8 @@ INTERNAL_ERROR = 1
 # imported, so classifying imports nothing (an error's class is loaded when it was raised).
 _RUN_FAILURES = (("ray.exceptions", "RayError"), ("ray.train.v2._internal.exceptions", "RayTrainError"),
                  ("ray.train.base_trainer", "TrainingFailedError"), ("rayquant.adapters", "AdapterMismatchError"),
-                 ("rayquant.trainer", "TrainedNothingError"), ("rayquant.export", "ExportCheckError"),
+                 ("rayquant.trainer", "TrainedNothingError"), ("rayquant.trainer", "RunFaultError"),
+                 ("rayquant.export", "ExportCheckError"),
                  (__name__, "RunFailedError"))
 # SettingError covers ConfigError, PlanError (InventoryError, CalibrationError, PlacementError, ...),
 # OutputExistsError and ClusterConnectError.
@@ -140,7 +141,9 @@ def report(error: Exception, meta: Mapping, command: str) -> int:
     if verbose(meta):
         click.echo("".join(traceback.format_exception(error)).rstrip(), err=True)
     if kind == "run":
-        what = error if isinstance(error, RunFailedError) else f"{type(error).__name__}: {error}"
+        render = getattr(error, "render", None)  # a run failure that names settings
+        text = render(meta.get(_SPELLING, cli_spelling)) if render else str(error)
+        what = text if isinstance(error, RunFailedError) else f"{type(error).__name__}: {text}"
         click.echo(f"Error: the run failed: {what}\n"
                    f"{meta.get(_WHERE_TO_LOOK, DEFAULT_WHERE_TO_LOOK)}", err=True)
         return RUN_FAILED

@@ -27,7 +27,7 @@ class CheckpointState:
     # Rows of the global batch order consumed so far (global_step x global batch); not read back:
     # the HF trainer state in the checkpoint positions the resumed data loader.
     data_position_rows: int
-    world_size: int  # a resumed run must have as many workers: shards depend on it
+    world_size: int  # ZeRO-3 shards need as many workers to resume; DDP resumes on any number
     losses: tuple[tuple[int, float], ...]  # (step, loss) so far, so the manifest's curve spans restarts
 
     def __post_init__(self) -> None:
@@ -73,7 +73,12 @@ def restored(checkpoint, world_size: int) -> Iterator[tuple[CheckpointState, str
                                "adapters of a finished run, not a training state; start a new run "
                                "(choose another run.name) or take the adapter from that run")
         state = CheckpointState.from_json(state_file.read_text(), f"of {checkpoint.path}")
-        if state.world_size != world_size:
-            raise RuntimeError(f"checkpoint was written by {state.world_size} workers, this run has "
-                               f"{world_size}; start a new run (run.name) to change the worker count")
+        # A DDP checkpoint holds the whole adapter and optimizer (every rank's are the same), and the
+        # data position is in global steps, which any split of the same global batch keeps: a run
+        # re-planned onto fewer workers (a lost node) resumes from it. ZeRO-3's shards (DeepSpeed's
+        # global_step*/ directory) are cut for one world size.
+        zero3 = any(Path(ckpt_dir, CHECKPOINT_SUBDIR).glob("global_step*"))
+        if state.world_size != world_size and zero3:
+            raise RuntimeError(f"checkpoint holds ZeRO-3 shards of {state.world_size} workers, this run "
+                               f"has {world_size}; start a new run (run.name) to change the worker count")
         yield state, str(Path(ckpt_dir) / CHECKPOINT_SUBDIR)
