@@ -31,6 +31,24 @@ def publish_mode(path: str | os.PathLike) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def publish_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Put the finished directory `tmp` (beside `dest`, on the same file system) at `dest` with the
+    umask's permissions. An existing `dest` (the caller checked it is empty or a previous output of
+    ours) is renamed aside first and removed only once the new one is in place."""
+    import shutil
+
+    tmp, dest = Path(tmp), Path(dest)
+    publish_mode(tmp)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
 def write_atomically(path: str | os.PathLike, data: str | bytes | None = None, *, write=None) -> Path:
     """Write `data` (text or bytes), or call `write(tmp_path)`, into a temporary file beside `path`,
     then rename it over `path`. Parent directories are created."""

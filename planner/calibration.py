@@ -45,8 +45,8 @@ CALIBRATION_VERSION = 1
 # A measured/predicted ratio outside this range means a broken measurement (or a broken model),
 # not something to plan with; validation refuses it rather than silently planning 10x off.
 RATIO_RANGE = (0.1, 10.0)
-# Throughput is wider: the FLOPs model ignores per-kernel overhead, and small models are bound by it
-# (the 2026-11-27 H200 run measured 0.039-0.09 of the prediction for Qwen2.5-0.5B; docs/planner.md).
+# Throughput is wider: files recorded against the FLOPs-only model (before the host time per layer,
+# issue 11) hold ratios down to 0.039 for small models (the 2026-11-27 H200 run; docs/planner.md).
 THROUGHPUT_RATIO_RANGE = (0.01, 100.0)
 
 

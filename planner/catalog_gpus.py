@@ -53,6 +53,13 @@ GPU_ROWS: tuple[dict, ...] = (
          fp8=None, bw=768.0,
          source="SMI 49140 MiB with ECC off (46068 with ECC on); CC; DS tensor 309.7 sparse = 154.8 "
                 "dense (LT's 38.7 is the non-tensor rate); 768 GB/s"),
+    dict(name="A40", nvml=("NVIDIA A40",), mib=46068, cc=(8, 6), bf16=149.7, fp16=149.7, fp8=None,
+         bw=696.0, source="SMI 46068 MiB with ECC on (uncertain); CC; DS A40 BF16 tensor 299.4 sparse = "
+                          "149.7 dense; DS 696 GB/s"),
+    dict(name="RTX-6000-Ada", nvml=("NVIDIA RTX 6000 Ada Generation",), mib=49140, cc=(8, 9),
+         bf16=364.2, fp16=364.2, fp8=728.5, bw=960.0,
+         source="SMI 49140 MiB with ECC off (uncertain); CC; WP AD102 RTX 6000 Ada FP16/BF16 tensor "
+                "with FP32 accumulate 364.2 dense, FP8 728.5 dense (uncertain); DS 960 GB/s"),
     dict(name="A100-40GB", nvml=("NVIDIA A100-SXM4-40GB",), mib=40960, cc=(8, 0), bf16=312.0,
          fp16=312.0, fp8=None, bw=1555.0, source="SMI; CC; MLE/TT bf16 312; DS 1555 GB/s"),
     dict(name="A100-40GB-PCIe", nvml=("NVIDIA A100-PCIE-40GB",), mib=40960, cc=(8, 0), bf16=312.0,
@@ -87,10 +94,25 @@ GPU_ROWS: tuple[dict, ...] = (
 
 # Names people type that are not catalog names or NVML names (normalized like lookup keys).
 GPU_ALIASES: dict[str, str] = {
-    "H100": "H100-80GB", "H100-SXM": "H100-80GB", "H100-SXM5": "H100-80GB", "H100-SXM-80GB": "H100-80GB",
-    "A100": "A100-80GB", "A100-SXM": "A100-80GB", "A100-80GB-SXM": "A100-80GB",
-    "A100-40GB-SXM": "A100-40GB", "V100": "V100-16GB", "A6000": "RTX-A6000",
+    "H100-SXM": "H100-80GB", "H100-SXM5": "H100-80GB", "H100-SXM-80GB": "H100-80GB",
+    "A100-80GB-SXM": "A100-80GB", "A100-40GB-SXM": "A100-40GB", "RTX-A6000": "RTX-A6000",
     "RTX3090": "RTX-3090", "RTX4090": "RTX-4090", "H200-141GB": "H200", "B200-180GB": "B200",
+}
+
+# Names that fit more than one catalog GPU (memory or speed differ): refused with the choices,
+# unless the GPU's real memory (NVML, live inventory) picks one (planner.hardware.lookup_gpu).
+AMBIGUOUS_GPU_NAMES: dict[str, tuple[str, ...]] = {
+    "A100": ("A100-40GB", "A100-80GB"),
+    "A100-SXM": ("A100-40GB", "A100-80GB"),
+    "A100-SXM4": ("A100-40GB", "A100-80GB"),
+    "A100-PCIe": ("A100-40GB-PCIe", "A100-80GB-PCIe"),
+    "H100": ("H100-80GB", "H100-PCIe", "H100-NVL"),
+    "V100": ("V100-16GB", "V100-32GB"),
+    "V100-SXM2": ("V100-16GB", "V100-32GB"),
+    "V100-PCIe": ("V100-16GB", "V100-32GB"),
+    "A6000": ("RTX-A6000", "RTX-6000-Ada"),
+    "RTX6000": ("RTX-A6000", "RTX-6000-Ada"),
+    "RTX-6000": ("RTX-A6000", "RTX-6000-Ada"),
 }
 
 # A generic GPU named only by its memory ("24GiB"): assumed Ampere-class and slow, so plans made
@@ -106,3 +128,37 @@ GENERIC_GPU = dict(cc=(8, 0), bf16=100.0, fp16=100.0, fp8=None, bw=500.0,
 CPU_ROW = dict(name="CPU", cc=(0, 0), bf16=0.5, fp16=0.5, fp8=None, bw=20.0,
                source="CPU pseudo-device: memory is host RAM; 0.5 TFLOPS and 20 GB/s are "
                       "order-of-magnitude figures for a few cores (not a GPU)")
+
+# Links, for the throughput model (planner.throughput): name -> (host link GB/s per direction,
+# GPU-to-GPU NVLink GB/s per direction or None where GPUs talk over PCIe, source). The host link
+# carries Unsloth's offloaded checkpoints; NVLink (else the host link) carries a node's all-reduce.
+#   PCIE  PCI Express x16 per direction: gen3 15.75, gen4 31.5, gen5 63 GB/s (PCI-SIG), rounded.
+#   NVL   NVIDIA datasheets: NVLink total bandwidth / 2 per direction (V100 SXM2 300, A100 SXM 600,
+#         H100/H200 SXM 900, B200 1800 GB/s); GH200's NVLink-C2C to the Grace CPU 900 GB/s total.
+# Rows that mix SXM and PCIe boards (V100) or pair boards with a bridge (H100 NVL, RTX A6000) get no
+# NVLink figure: the slower link is assumed.
+GPU_LINKS: dict[str, tuple[float, float | None, str]] = {
+    "T4": (16.0, None, "PCIE gen3"),
+    "V100-16GB": (16.0, None, "PCIE gen3 (SXM2 boards also have NVLink; not assumed)"),
+    "V100-32GB": (16.0, None, "PCIE gen3 (SXM2 boards also have NVLink; not assumed)"),
+    "A10": (32.0, None, "PCIE gen4"),
+    "A10G": (32.0, None, "PCIE gen4"),
+    "L4": (32.0, None, "PCIE gen4"),
+    "L40S": (32.0, None, "PCIE gen4"),
+    "RTX-3090": (32.0, None, "PCIE gen4"),
+    "RTX-4090": (32.0, None, "PCIE gen4"),
+    "RTX-A6000": (32.0, None, "PCIE gen4 (NVLink bridge pairs not assumed)"),
+    "RTX-6000-Ada": (32.0, None, "PCIE gen4"),
+    "A100-40GB": (32.0, 300.0, "PCIE gen4; NVL A100 SXM 600 GB/s"),
+    "A100-40GB-PCIe": (32.0, None, "PCIE gen4"),
+    "A100-80GB": (32.0, 300.0, "PCIE gen4; NVL A100 SXM 600 GB/s"),
+    "A100-80GB-PCIe": (32.0, None, "PCIE gen4"),
+    "H100-80GB": (64.0, 450.0, "PCIE gen5; NVL H100 SXM 900 GB/s"),
+    "H100-PCIe": (64.0, None, "PCIE gen5"),
+    "H100-NVL": (64.0, None, "PCIE gen5 (NVLink bridge pairs not assumed)"),
+    "H200": (64.0, 450.0, "PCIE gen5; NVL H200 SXM 900 GB/s (H200 NVL boards: bridge pairs)"),
+    "GH200": (450.0, 450.0, "NVL NVLink-C2C 900 GB/s to the Grace CPU; NVLink 900 GB/s"),
+    "B200": (64.0, 900.0, "PCIE gen5; NVL B200 1800 GB/s"),
+}
+# Any GPU not listed (a generic GPU given by memory): PCIe gen4, no NVLink.
+DEFAULT_LINK: tuple[float, float | None, str] = (32.0, None, "PCIE gen4 assumed")

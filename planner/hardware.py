@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from planner.catalog_gpus import CPU_ROW, GENERIC_GPU, GPU_ALIASES, GPU_ROWS
+from planner.catalog_gpus import (AMBIGUOUS_GPU_NAMES, CPU_ROW, DEFAULT_LINK, GENERIC_GPU, GPU_ALIASES, GPU_LINKS,
+                                  GPU_ROWS)
 from planner.host import host_memory_bytes
 from planner.plan import PlanError
 
@@ -28,6 +29,10 @@ class UnknownGpuError(PlanError):
     """A GPU name that is not in the catalog (the message names the closest ones)."""
 
 
+class AmbiguousGpuError(PlanError):
+    """A GPU name that fits several catalog GPUs ("A100": 40 or 80 GB); the message names them."""
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     name: str  # catalog name, e.g. "H100-80GB", "A10G", "RTX-4090"
@@ -40,6 +45,8 @@ class GpuSpec:
     bandwidth_gb_per_s: float
     source: str
     generic: bool = False  # a GPU known only by its memory size ("24GiB"): figures are assumed
+    host_link_gb_per_s: float = DEFAULT_LINK[0]  # GPU <-> host RAM, per direction
+    nvlink_gb_per_s: float | None = None  # GPU <-> GPU in a node, per direction; None: over PCIe
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nvml_names", tuple(self.nvml_names))
@@ -112,6 +119,8 @@ def _row_to_spec(row: Mapping[str, Any], memory_bytes: int | None = None, **chan
         compute_capability=row["cc"], bf16_tflops=row["bf16"], fp16_tflops=row["fp16"],
         fp8_tflops=row["fp8"], bandwidth_gb_per_s=row["bw"], source=row["source"],
         generic=changes.get("generic", False),
+        host_link_gb_per_s=GPU_LINKS.get(row.get("name"), DEFAULT_LINK)[0],
+        nvlink_gb_per_s=GPU_LINKS.get(row.get("name"), DEFAULT_LINK)[1],
     )
 
 
@@ -174,10 +183,32 @@ def generic_gpu(memory_gib: float) -> GpuSpec:
                         nvml=(), generic=True)
 
 
-def lookup_gpu(text: str) -> GpuSpec:
+_AMBIGUOUS = {_key(name): choices for name, choices in AMBIGUOUS_GPU_NAMES.items()}
+
+
+def _resolve_ambiguous(raw: str, choices: tuple[str, ...], memory_bytes: int) -> GpuSpec:
+    """One of `choices` for an ambiguous name: the variant whose memory is nearest the GPU's real
+    memory (NVML), the slower one where variants share that memory; refused without the memory."""
+    by_name = {g.name: g for g in GPU_CATALOG}
+    variants = [by_name[c] for c in choices]
+    if memory_bytes > 0:
+        nearest = min(abs(g.memory_bytes - memory_bytes) for g in variants)
+        close = [g for g in variants if abs(g.memory_bytes - memory_bytes) == nearest]
+        if nearest <= 0.1 * memory_bytes:
+            return min(close, key=lambda g: (g.bf16_tflops or g.fp16_tflops, g.name))
+    listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+    sizes = ", ".join(f"{c} {by_name[c].memory_bytes / GIB:.0f} GiB" for c in choices)
+    raise AmbiguousGpuError(f"GPU name {raw!r} fits several GPUs ({sizes}) and the plan depends on "
+                            f"which. To fix: write {listed}.")
+
+
+def lookup_gpu(text: str, memory_bytes: int = 0) -> GpuSpec:
     """A GPU by catalog name, NVML name, alias, `CPU`, or a bare size (`24GiB`, `80GB`, `48G`).
 
     A bare size means a generic GPU of that memory (GB is read as GiB, as GPU vendors use it).
+    A name that fits several catalog GPUs (AMBIGUOUS_GPU_NAMES: "A100", "V100", "H100", "A6000")
+    is refused with the choices (AmbiguousGpuError) unless `memory_bytes`, the GPU's real memory
+    from NVML, picks one.
     """
     raw = str(text).strip()
     if not raw:
@@ -191,6 +222,8 @@ def lookup_gpu(text: str) -> GpuSpec:
         return cpu_device()
     if k in _INDEX:
         return _INDEX[k]
+    if k in _AMBIGUOUS:
+        return _resolve_ambiguous(raw, _AMBIGUOUS[k], memory_bytes)
     # The names generic GPUs carry ("GPU-24GiB") read back as the same generic GPU.
     generic = re.fullmatch(r"gpu[-_ ]?(\d+(?:\.\d+)?)\s*(gib|gb|g)", raw, re.IGNORECASE)
     if generic:

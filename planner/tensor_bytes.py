@@ -65,6 +65,13 @@ def fp8_rowwise_bytes(in_features: int, out_features: int) -> int:
 
 def adamw_8bit_state_bytes(numel: int) -> int:
     """bitsandbytes AdamW8bit states of one parameter tensor (the shared qmaps not included)."""
+    return sum(adamw_8bit_state_parts(numel))
+
+
+def adamw_8bit_state_parts(numel: int) -> tuple[int, int]:
+    """(state1 + state2, absmax1 + absmax2) bytes of one tensor's AdamW8bit states. A paged optimizer
+    allocates only state1/state2 through `get_state_buffer` (unified memory when numel >= 1e5); the
+    absmax vectors are plain `torch.zeros` on the device."""
     if numel < BNB_MIN_8BIT_SIZE:
-        return 2 * 4 * numel
-    return 2 * numel + 2 * 4 * math.ceil(numel / BNB_OPT_BLOCK)
+        return 2 * 4 * numel, 0
+    return 2 * numel, 2 * 4 * math.ceil(numel / BNB_OPT_BLOCK)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from planner.atomic import check_output, publish_mode
+from planner.atomic import check_output, publish_dir
 from rayquant.contract import WORKER_STATS_FILE, WorkerStats
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -180,14 +180,7 @@ def write_adapter_dir(adapter_src: str | os.PathLike, manifest: Mapping[str, Any
             json.dump({"written_by": "rayquant", "files": files, **manifest}, f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
-        publish_mode(tmp)  # mkdtemp makes it private (0700): give it the umask's permissions
-        old = None
-        if dest.exists():  # empty, or a previous adapter of ours (checked above)
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, dest)  # dest: empty, or a previous adapter of ours (checked above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

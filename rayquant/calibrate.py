@@ -153,7 +153,7 @@ def predict(case: CalibrationCase, spec, gpu, protected_bytes: int = 0) -> dict[
                             micro_batch_size=case.micro_batch_size, lora_rank=case.lora_rank,
                             lora_targets=JobSpec().lora_targets,
                             gradient_checkpointing=case.gradient_checkpointing,
-                            fp8_path=case.fp8_path)
+                            fp8_path=case.fp8_path, backend=case.backend, optimizer=case.optimizer)
     return {"estimate": est, "predicted_peak_bytes": est.peak_bytes,
             "predicted_allocated_bytes": est.allocated_bytes,
             "predicted_breakdown_bytes": est.breakdown.as_dict(),

@@ -48,7 +48,10 @@ def connect(address: str | None = None, *, driver_logs: bool = True) -> bool:
     Raises ClusterConnectError when the cluster cannot be joined."""
     import ray
 
+    from rayquant.quiet import filter_ray_logs
+
     if ray.is_initialized():
+        filter_ray_logs()
         return False
     target = ray_address(address)
     where = f"the Ray cluster at {target}" if target else "a new local Ray cluster"
@@ -88,6 +91,7 @@ def connect(address: str | None = None, *, driver_logs: bool = True) -> bool:
         if "auth" not in str(e).lower() and "token" not in str(e).lower():
             raise
         raise ClusterConnectError(f"{where} needs a token: {e}\nTo fix: {_TOKEN_HELP}.") from None
+    filter_ray_logs()  # the known noise of workers and actors kept off this console (rayquant.quiet)
     return True
 
 
@@ -118,6 +122,16 @@ def _local_processes_ignore_sigint(starting: bool) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def actor_runtime_env(env_vars: dict[str, str], setup_hook: str) -> dict:
+    """A runtime env for actors (Ray Train's worker_runtime_env) whose processes run `setup_hook`
+    (a module path) when they start. Ray 2.60 honours worker_process_setup_hook only in ray.init's
+    job-level runtime env and ignores it in an actor's, so the hook is set as the environment
+    variable Ray's worker start-up reads, by the conversion ray.init applies."""
+    from ray._private.runtime_env.setup_hook import export_setup_func_module
+
+    return export_setup_func_module({"env_vars": dict(env_vars)}, setup_hook)
 
 
 @contextlib.contextmanager

@@ -65,7 +65,8 @@ Numbers may be written in scientific notation (`learning_rate: 2e-4`): rayquant.
       overwrite: false
       checkpoint_every_steps: null    # null: only at the end
       keep_checkpoints: 2
-      max_failures: 0
+      max_failures: 0                 # restarts after a worker died or raised (same plan, last checkpoint)
+      max_replans: 3                  # restarts with a new plan: out of memory, a node lost (README "Faults")
       resume_anyway: false            # resume this run.name under safe changes (max_steps up)
       report_to: []                   # any of tensorboard, mlflow, wandb (rank 0 logs)
 """
@@ -297,7 +298,7 @@ class ScalingOptions:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """Where results go, how often to checkpoint, and how many worker failures to survive."""
+    """Where results go, how often to checkpoint, and how many faults to survive (README "Faults")."""
 
     name: str | None = None  # None: rayquant-<model>-<timestamp>
     storage_path: str = "~/rayquant_runs"
@@ -307,7 +308,10 @@ class RunOptions:
     overwrite: bool = False
     checkpoint_every_steps: int | None = None  # None: only at the end
     keep_checkpoints: int = 2
-    max_failures: int = 0
+    max_failures: int = 0  # restarts of the same plan after a worker died or raised an error
+    # Restarts with a new plan: a worker ran out of memory (its node type one step cheaper) or a
+    # node left the cluster (the nodes left); rayquant.restarts.
+    max_replans: int = 3
     # Resume an unfinished run of this name under changes that keep its trained steps valid
     # (max_steps going up, ...; rayquant.identity); any other change is refused.
     resume_anyway: bool = False
@@ -337,6 +341,7 @@ class RunOptions:
         _int_at_least(p, "run.checkpoint_every_steps", self.checkpoint_every_steps, 1, allow_none=True)
         _int_at_least(p, "run.keep_checkpoints", self.keep_checkpoints, 1)
         _int_at_least(p, "run.max_failures", self.max_failures, 0)
+        _int_at_least(p, "run.max_replans", self.max_replans, 0)
         if not isinstance(self.report_to, tuple):
             p.append(f"{{run.report_to}} must be a list of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         else:

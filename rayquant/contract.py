@@ -338,3 +338,47 @@ class WorkerStats:
     @classmethod
     def from_json(cls, text: str) -> "WorkerStats":
         return cls.from_dict(json.loads(text))
+
+
+# -- a worker that ran out of memory -> driver ------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutOfMemoryReport:
+    """What a worker saw when torch ran out of memory (rayquant.worker.oom), for the driver's re-plan
+    and restart record."""
+
+    rank: int
+    node_type: str
+    step: int | None  # the optimizer steps done when it failed; None while loading
+    device: str  # "cpu" or "cuda:<index>"
+    seen_bytes: int  # what the worker held: CUDA max allocated, or the process's peak RSS on CPU
+    seen_source: str
+    capacity_bytes: int | None  # the GPU's total memory; None on CPU
+    reserved_bytes: int | None  # CUDA max reserved; None on CPU
+    message: str  # torch's error message
+
+    def __post_init__(self) -> None:
+        _raise_if(_check_types(self), "OutOfMemoryReport")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "OutOfMemoryReport":
+        data = json.loads(text)
+        _check_keys(cls, data, "OutOfMemoryReport")
+        return cls(**data)
+
+
+class WorkerOutOfMemory(RuntimeError):
+    """Raised by a worker in place of torch.OutOfMemoryError (which stays its __cause__), carrying an
+    OutOfMemoryReport to the driver; it travels as the report's JSON."""
+
+    def __init__(self, report_json: str) -> None:
+        self.report = OutOfMemoryReport.from_json(report_json)
+        super().__init__(f"rank {self.report.rank} ({self.report.node_type}) ran out of memory"
+                         + (f" at step {self.report.step}" if self.report.step is not None else " while loading")
+                         + f": {self.report.message}")
+
+    def __reduce__(self):
+        return (type(self), (self.report.to_json(),))

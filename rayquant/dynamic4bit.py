@@ -14,103 +14,25 @@ Use it from a worker::
     model = from_pretrained(..., quantization_config=bnb_quantization_config(protection.protected, dtype))
     restore_protected_modules(model, model_dir, protection.protected)  # no-op where the config was honoured
 
-Everything above the torch-using functions is plain Python, so selection is cheap to test exhaustively.
+The rule itself (candidates, order, greedy budget, cost) is planner.memory.protected, plain Python
+shared with the planner; this module measures, loads and restores.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable
 
-from planner.tensor_bytes import NF4_BLOCK, nf4_bytes, sixteen_bit_bytes
+from planner.memory.protected import (ALREADY_16BIT, ModuleError, Protection, is_candidate, layer_of,
+                                      protect_cost_bytes, protection_weight_bytes, select_protected)
+from planner.tensor_bytes import NF4_BLOCK
 
-# Modules bitsandbytes never quantizes in our loads (Unsloth's SKIP_QUANTIZATION_MODULES, unsloth_zoo/
-# peft_utils.py): they are 16-bit already, so protecting them costs nothing and gains nothing.
-ALREADY_16BIT = ("lm_head", "router", "mlp.gate", "block_sparse_moe.gate", "moe.gate", "mamba",
-                 "vision_tower", "audio_tower", "multi_modal_projector")
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def protect_cost_bytes(numel: int, double_quant: bool = True) -> int:
-    """Extra bytes of keeping one weight in 16-bit instead of NF4 (biases are 16-bit either way).
-
-    The NF4 side leaves out the per-tensor code books (planner.tensor_bytes.nf4_bytes), which makes
-    this cost an upper bound."""
-    return sixteen_bit_bytes(numel) - nf4_bytes(numel, double_quant)
-
-
-@dataclass(frozen=True)
-class ModuleError:
-    """The measured NF4 error of one linear layer's weight."""
-
-    name: str  # module name as in model.named_modules(), e.g. "model.layers.0.self_attn.q_proj"
-    layer: int  # decoder layer index
-    numel: int  # weight elements
-    relative_error: float  # ||W - dq(q(W))||_F / ||W||_F
-
-
-@dataclass(frozen=True)
-class Protection:
-    """Which modules stay 16-bit and what that costs: goes into the manifest as `as_dict()`."""
-
-    protected: tuple[str, ...]
-    cost_bytes: int  # sum of protect_cost_bytes over `protected`
-    budget_bytes: int
-    candidates: int  # quantizable modules considered
-    reasons: Mapping[str, str] = field(default_factory=dict)  # module -> why it is protected
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "protected", tuple(self.protected))
-        object.__setattr__(self, "reasons", dict(self.reasons))
-        if self.cost_bytes > self.budget_bytes:
-            raise ValueError(f"protection costs {self.cost_bytes} bytes, over its budget of "
-                             f"{self.budget_bytes}")
-
-    def as_dict(self) -> dict:
-        return {"protected_modules": list(self.protected), "protected_cost_bytes": self.cost_bytes,
-                "protected_budget_bytes": self.budget_bytes, "candidates": self.candidates,
-                "reasons": dict(self.reasons)}
-
-
-def select_protected(errors: Sequence[ModuleError], budget_bytes: int,
-                     double_quant: bool = True) -> Protection:
-    """Choose the modules to keep in 16-bit: edge layers first, then by NF4 error, within the budget.
-
-    Greedy in that order; a module that does not fit is passed over for smaller ones after it, so the
-    budget is never exceeded and no unprotected module would still fit in what is left.
-    """
-    if budget_bytes < 0:
-        raise ValueError(f"protected budget must be >= 0 bytes, got {budget_bytes}")
-    if not errors:
-        return Protection((), 0, budget_bytes, 0)
-    first, last = min(e.layer for e in errors), max(e.layer for e in errors)
-    by_error = sorted(errors, key=lambda e: (-e.relative_error, e.name))
-    edges = [e for e in by_error if e.layer in (first, last)]
-    rest = [e for e in by_error if e.layer not in (first, last)]
-    chosen, reasons, spent = [], {}, 0
-    for rank, e in enumerate(edges + rest, start=1):
-        cost = protect_cost_bytes(e.numel, double_quant)
-        if spent + cost > budget_bytes:
-            continue
-        spent += cost
-        chosen.append(e.name)
-        where = "first decoder layer" if e.layer == first else "last decoder layer"
-        reasons[e.name] = (where if e.layer in (first, last) else
-                           f"NF4 error {e.relative_error:.4f} (rank {rank - len(edges)} of {len(rest)})")
-    return Protection(tuple(chosen), spent, budget_bytes, len(errors), reasons)
-
-
-def _is_candidate(module_name: str) -> bool:
-    if _LAYER_RE.search(module_name) is None:
-        return False
-    leaf_path = module_name + "."
-    return not any(f".{skip}." in "." + leaf_path for skip in ALREADY_16BIT)
-
-
-def _layer_of(module_name: str) -> int:
-    return int(_LAYER_RE.search(module_name).group(1))
+# The rule (candidates, order, greedy budget, cost) lives in planner.memory.protected, shared with
+# the planner, which prices it into a plan's and an estimate's peak.
+__all__ = ["ALREADY_16BIT", "ModuleError", "Protection", "protect_cost_bytes", "select_protected",
+           "measure_errors_from_checkpoint", "measure_errors_from_model", "protection_for",
+           "protection_for_plan", "after_load", "bnb_quantization_config", "restore_protected_modules"]
+_is_candidate, _layer_of = is_candidate, layer_of
 
 
 # ---- measuring (torch + bitsandbytes) --------------------------------------------------------------
@@ -264,14 +186,16 @@ def protected_weight_bytes(model, protected: Iterable[str]) -> int:
     return total
 
 
-def protection_for(model_path: str | Path, budget_bytes: int, double_quant: bool = True) -> Protection:
+def protection_for(model_path: str | Path, budget_bytes: int, double_quant: bool = True,
+                   backend: str = "unsloth") -> Protection:
     """Measure NF4 errors of `model_path`'s weights (a local directory, or a hub id already in the
-    local cache) and choose the protected modules within `budget_bytes`."""
+    local cache) and choose the protected modules within `budget_bytes` (priced for `backend`:
+    planner.memory.protected.protection_weight_bytes)."""
     path = local_model_dir(model_path)
     if budget_bytes <= 0:
         return Protection((), 0, max(budget_bytes, 0), 0)
     return select_protected(measure_errors_from_checkpoint(path, double_quant=double_quant),
-                            budget_bytes, double_quant)
+                            budget_bytes, double_quant, protection_weight_bytes(backend))
 
 
 def local_model_dir(model_path: str | Path) -> Path:
@@ -288,7 +212,8 @@ def protection_for_plan(model_path: str | Path, node_plan) -> Protection | None:
     """For rayquant.loading: the Protection a dynamic-4bit NodePlan asks for, None for other schemes."""
     if node_plan.quantization != "dynamic-4bit":
         return None
-    return protection_for(model_path, node_plan.protected_budget_bytes, node_plan.double_quant)
+    return protection_for(model_path, node_plan.protected_budget_bytes, node_plan.double_quant,
+                          node_plan.backend)
 
 
 def after_load(model, model_path: str | Path, protection: Protection | None) -> dict:

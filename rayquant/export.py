@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from planner.atomic import check_output, publish_mode
+from planner.atomic import check_output, publish_dir
 from planner.vocab import SettingError
 
 EXPORT_MANIFEST = "rayquant_export.json"
@@ -134,14 +134,7 @@ def export_merged(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, dty
         merged_model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(info, indent=2))
-        publish_mode(tmp)
-        old = None
-        if out.exists():  # empty, or a previous export of ours (checked above)
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, out)  # out: empty, or a previous export of ours (checked above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -163,7 +163,8 @@ def last_checkpoint_step(run_dir: Path) -> int | None:
     from rayquant.worker.checkpoint import CHECKPOINT_SUBDIR, STATE_FILE
 
     try:
-        latest = json.loads((Path(run_dir) / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())["latest_checkpoint_result"]
+        snapshot = json.loads((Path(run_dir) / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())
+        latest = snapshot["latest_checkpoint_result"]
         state = Path(run_dir) / latest["checkpoint_dir_name"] / CHECKPOINT_SUBDIR / STATE_FILE
         return int(json.loads(state.read_text())["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -195,7 +196,8 @@ def check_resume(run_dir: Path, name: str, identity: Mapping[str, Any], resume_a
             lines = "\n".join(f"  - {_spelled(f)}: {_shown(a)} -> {_shown(b)}"
                               + ("" if is_safe(f, a, b, step) else "  (changes the training: not resumable)")
                               for f, a, b in changes)
-            fix = "choose another {run.name} to start a new run, or put the settings back as they were to resume this one"
+            fix = ("choose another {run.name} to start a new run, or put the settings back as they were "
+                   "to resume this one")
             if not unsafe:
                 fix += ("; these changes are safe to resume with: set {run.resume_anyway} to continue this "
                         "run under them")

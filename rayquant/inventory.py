@@ -146,7 +146,7 @@ def _gpu_spec(name: str, memory_bytes: int):
     candidates = [name] if memory_bytes else [_RAY_TYPE_TO_CATALOG.get(name, name), name]
     for candidate in candidates:
         try:
-            return hardware.lookup_gpu(candidate), None
+            return hardware.lookup_gpu(candidate, memory_bytes), None
         except PlanError:  # not a catalog name: try the next, or a generic GPU of its memory
             continue
     if memory_bytes:

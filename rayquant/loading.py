@@ -32,8 +32,9 @@ def describe_loaded(model) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     return {
         "linear4bit_modules": four_bit,
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
+        # ds_numel: a ZeRO-3 parameter's whole size (its local tensor is empty or a shard).
+        "total_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
         "adapter_dtype": str(trainable[0].dtype).replace("torch.", "") if trainable else None,
     }
 
@@ -56,7 +57,8 @@ def quantized_module_counts(model) -> dict[str, int]:
 # dynamic4bit.after_load) that the manifest shows; a key absent did not apply to the scheme.
 _QUANTIZATION_DETAILS = ("linear4bit_modules", "fp8_path", "fp8_modules", "fp8_weight_bytes",
                          "protected_modules", "protected_cost_bytes", "protected_budget_bytes",
-                         "protected_weight_bytes", "protected_restored_after_load", "candidates")
+                         "protected_weight_bytes", "protected_restored_after_load", "candidates",
+                         "zero3_base_bytes", "zero3_shard_bytes")
 
 
 def quantization_report(info: Mapping[str, Any], modules_after_training: Mapping[str, int]) -> QuantizationReport:
@@ -149,13 +151,14 @@ def _load_hf(model_path, node_plan, job, device_map, seed, protection, quant_inf
     if zero3:
         from rayquant.zero import bnb_config_kwargs
 
-        # NF4 packed into compute-dtype storage, so ZeRO-3 shards it like any 16-bit weight; and
-        # no device_map: transformers refuses one under ZeRO-3, DeepSpeed places the shards.
+        # NF4 packed into compute-dtype storage, so ZeRO-3 shards it like any 16-bit weight. A 16-bit
+        # base loads under zero.Init with no device_map; a 4-bit one loads whole into host RAM and is
+        # partitioned below (rayquant.zero.partition_quantized_model), never whole on a GPU.
         kwargs = bnb_config_kwargs(node_plan)
+        device_map = None
         if kwargs is not None:
             kwargs["llm_int8_skip_modules"] = ["lm_head", *(protection.protected if protection else ())]
             quant = BitsAndBytesConfig(**kwargs)
-        device_map = None
     elif node_plan.quantization in _FOUR_BIT:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_use_double_quant=node_plan.double_quant,
@@ -164,8 +167,16 @@ def _load_hf(model_path, node_plan, job, device_map, seed, protection, quant_inf
     elif node_plan.quantization == "fp8":
         raise ValueError("the hf backend has no FP8 path; plan FP8 with backend=unsloth, or pin "
                          "quantization to nf4/bf16")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device_map,
-                                                 quantization_config=quant)
+    if zero3 and quant is not None:
+        from rayquant.zero import zero3_suspended
+
+        # transformers refuses a device_map under ZeRO-3 and would put the whole base on the GPU.
+        with zero3_suspended():
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map={"": "cpu"},
+                                                         quantization_config=quant)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device_map,
+                                                     quantization_config=quant)
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="right")
     use_ckpt = node_plan.gradient_checkpointing != "none"
     if quant is not None and not zero3:
@@ -178,6 +189,10 @@ def _load_hf(model_path, node_plan, job, device_map, seed, protection, quant_inf
     from rayquant.dynamic4bit import after_load
 
     quant_info.update(after_load(model, model_path, protection))
+    if zero3 and quant is not None:
+        from rayquant.zero import partition_quantized_model
+
+        quant_info.update(partition_quantized_model(model))
     torch.manual_seed(seed)
     config = LoraConfig(r=job.lora_rank, lora_alpha=job.effective_lora_alpha, lora_dropout=job.lora_dropout,
                         target_modules=_lora_targets(job), bias="none", task_type="CAUSAL_LM")

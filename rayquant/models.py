@@ -69,6 +69,35 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+# Hub repos that are gated: the Hub serves their files only to an account that accepted the
+# owner's terms, with that account's token. Meta's Llama, Google's Gemma and Mistral AI's models
+# (every catalog model of those orgs) are; for any other repo the Hub's metadata says it.
+GATED_REPOS = (re.compile(r"^meta-llama/", re.IGNORECASE),
+               re.compile(r"^google/(gemma|codegemma|recurrentgemma|paligemma|shieldgemma)", re.IGNORECASE),
+               re.compile(r"^mistralai/", re.IGNORECASE))
+
+
+def hub_gated(model: str) -> bool | None:
+    """Whether the Hub gates `model`: from GATED_REPOS, else (a Hub id outside the catalog) the
+    Hub's model_info; None when that cannot be asked (offline, or the Hub did not answer). Local
+    paths and tiny models are not gated."""
+    if not is_hub_model(model):
+        return False
+    if any(p.match(model) for p in GATED_REPOS):
+        return True
+    if is_catalog_id(model):
+        return False
+    if hub_offline():
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(model, timeout=10)
+    except Exception:  # no network, a private repo, a Hub error: unknown, the pods will say
+        return None
+    return bool(info.gated)
+
+
 def is_catalog_id(model: str) -> bool:
     from planner.catalog_models import catalog_spec
 
@@ -179,144 +208,6 @@ def hub_snapshot(repo_id: str, weights: bool) -> str:
         f" (*.safetensors or *.bin). To fix: "
         + (f"download it once online (`hf download {repo_id}`) into that cache"
            if hub_offline() else "use a transformers model repo"))
-
-
-def cache_dir() -> Path:
-    """Where built tiny models live: $RAYQUANT_CACHE, else ~/.cache/rayquant."""
-    return Path(os.environ.get("RAYQUANT_CACHE", "~/.cache/rayquant")).expanduser()
-
-
-def tiny_arch(model: str) -> str | None:
-    """'rayquant/tiny-llama' -> 'llama'; None for any other model id."""
-    return model[len(TINY_MODEL_PREFIX):] if model.startswith(TINY_MODEL_PREFIX) else None
-
-
-def model_problems(model: object) -> list[str]:
-    """What is wrong with `model` as a model reference (empty when nothing is); settings are named
-    as {placeholders} (planner.vocab)."""
-    if model is None or model == "":
-        return ["{model} is required: a hub id, a local directory or rayquant/tiny-llama"]
-    if not isinstance(model, str):
-        return [f"{{model}} must be a hub id, a local directory or rayquant/tiny-llama, got {model!r}"]
-    arch = tiny_arch(model)
-    if arch is not None:
-        from rayquant.tiny import TINY_CONFIGS
-
-        if arch not in TINY_CONFIGS:
-            return [f"{{model}} {model!r}: tiny models are "
-                    f"{', '.join(TINY_MODEL_PREFIX + a for a in TINY_CONFIGS)}"]
-    return []
-
-
-def resolve_model(model: str) -> str:
-    """A local directory with `model`'s weights and tokenizer: tiny ids are built offline into the
-    cache (once), Hub ids fetched into (or found in) the Hub cache; local paths as they are.
-    What each worker calls on its own node. Raises ModelUnavailableError."""
-    arch = tiny_arch(model)
-    if arch is not None:
-        from rayquant.tiny import make_tiny_model
-
-        return str(make_tiny_model(cache_dir() / "models" / f"tiny-{arch}", arch=arch))
-    if is_hub_model(model):
-        return hub_snapshot(model, weights=True)
-    return os.path.expanduser(model)
-
-
-def resolve_tokenizer(model: str) -> str:
-    """A local directory with `model`'s tokenizer, fetching no weights: a tiny model's tokenizer is
-    trained into the cache (the one make_tiny_model trains: the training is deterministic), a Hub
-    model's tokenizer files fetched. Raises ModelUnavailableError."""
-    arch = tiny_arch(model)
-    if arch is not None:
-        built = cache_dir() / "models" / f"tiny-{arch}"
-        if (built / "tokenizer.json").exists():
-            return str(built)
-        from rayquant.tiny import train_tokenizer
-
-        out = cache_dir() / "tokenizers" / "tiny"
-        if not (out / "tokenizer.json").exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tiny-tokenizer.", dir=out.parent))
-            train_tokenizer(tmp)
-            try:
-                os.replace(tmp, out)
-            except OSError:  # another process finished first: keep theirs
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
-        return str(out)
-    if is_hub_model(model):
-        return hub_snapshot(model, weights=False)
-    path = Path(os.path.expanduser(model))
-    return str(path.parent if path.is_file() else path)
-
-
-def context_length(config: Mapping[str, Any]) -> int | None:
-    """The longest sequence a model was built for, from its config (None when it does not say)."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
-        value = text.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-@dataclass(frozen=True)
-class ModelCheck:
-    """What the driver found about a model before Ray starts (check_model)."""
-
-    model: str
-    source: str  # "tiny", "local" or "hub"
-    tokenizer_dir: str  # a local directory AutoTokenizer loads
-    context_length: int | None  # from the config; None when it does not say
-    weights: str  # where the workers will find the weights, in words
-
-
-def check_model(model: str) -> ModelCheck:
-    """Check on the driver that `model`'s config, tokenizer and weights can be had, as the workers
-    will need them (fetching config and tokenizer, never the weights). Raises ModelUnavailableError
-    (or planner.model.UnknownModelError) with the reason and a fix."""
-    arch = tiny_arch(model)
-    if arch is not None:
-        problems = model_problems(model)
-        if problems:
-            raise UnknownModelError(problems[0])
-        from rayquant.tiny import TINY_CONFIGS
-
-        return ModelCheck(model, "tiny", resolve_tokenizer(model), context_length(TINY_CONFIGS[arch]),
-                          "built offline on each node (random weights)")
-    if not is_hub_model(model):
-        path = Path(os.path.expanduser(model))
-        folder = path.parent if path.is_file() else path
-        if not (folder / "config.json").is_file():
-            raise UnknownModelError(f"{model} is not a model directory (no config.json). To fix: point "
-                                    "{model} at a transformers model directory, or use a Hub id")
-        if not _weight_files(folder):
-            raise UnknownModelError(f"{folder} holds no weights (*.safetensors or *.bin), which training "
-                                    "loads. To fix: point {model} at the directory with the weights")
-        config = json.loads((folder / "config.json").read_text())
-        return ModelCheck(model, "local", str(folder), context_length(config),
-                          f"read from {folder} (the same path on every node)")
-    tokenizer_dir = hub_snapshot(model, weights=False)
-    config = json.loads((Path(tokenizer_dir) / "config.json").read_text())
-    if hub_offline():
-        # An offline snapshot is the cached commit's folder: the weights are there if cached at all.
-        if not _weight_files(tokenizer_dir):
-            raise ModelUnavailableError(
-                f"the model {model} has no weights in the local Hub cache ({hub_cache_dir()}) and "
-                f"HF_HUB_OFFLINE is set (its config and tokenizer are there). To fix: download it once "
-                f"online (`hf download {model}`) into that cache, or unset HF_HUB_OFFLINE")
-        where = f"read from the local Hub cache ({hub_cache_dir()} on each node; HF_HUB_OFFLINE is set)"
-    else:
-        from huggingface_hub import HfApi
-
-        info = _hub_call(model, lambda: HfApi().model_info(model, files_metadata=False))
-        names = [s.rfilename for s in (info.siblings or [])]
-        if not any(n.endswith((".safetensors", ".bin")) and "/" not in n for n in names):
-            raise ModelUnavailableError(f"the model {model} has no weights on the Hub (*.safetensors or "
-                                        "*.bin). To fix: use a transformers model repo")
-        where = "downloaded from the Hub by each node into its Hub cache"
-    return ModelCheck(model, "hub", tokenizer_dir, context_length(config), where)
 
 
 def cache_dir() -> Path:

@@ -122,12 +122,17 @@ def estimate(model: str, gpu: str, *, quantization: str = "nf4", double_quant: b
                   micro_batch_size=micro_batch_size, lora_rank=lora_rank, lora_targets=lora_targets,
                   full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing,
                   optimizer=optimizer)
-    est = planner.estimate_memory(spec, device, seq_len=seq_len, **config)
+    from planner.memory import estimate_with_protection
+    from planner.memory.protected import by_error_reason
+
+    est, protection = estimate_with_protection(spec, device, safety_margin=JobSpec.safety_margin,
+                                               seq_len=seq_len, **config)
     longest = planner.max_seq_len(spec, device, **config)
     tps = planner.tokens_per_second(spec, device, quantization=quantization, seq_len=seq_len,
                                     micro_batch_size=micro_batch_size, lora_rank=lora_rank,
                                     lora_targets=lora_targets, full_finetune=full_finetune,
-                                    gradient_checkpointing=gradient_checkpointing)
+                                    gradient_checkpointing=gradient_checkpointing, backend=backend,
+                                    optimizer=optimizer)
     factors = None
     peak = est.peak_bytes
     if calibration:
@@ -147,5 +152,63 @@ def estimate(model: str, gpu: str, *, quantization: str = "nf4", double_quant: b
         "allocated_bytes": est.allocated_bytes, "reserved_bytes": est.reserved_bytes,
         "breakdown_bytes": est.breakdown.as_dict(), "host_memory_bytes": est.host_bytes,
         "trainable_params": est.trainable_params, "fits": peak <= device.memory_bytes,
-        "max_seq_len": longest, "tokens_per_second": tps, "calibration": factors, "notes": notes,
+        "max_seq_len": longest, "tokens_per_second": tps,
+        # The median error of the throughput model on its check rows (docs/planner.md).
+        "tokens_per_second_error": planner.throughput.EXPECTED_ERROR,
+        "calibration": factors, "notes": notes,
+        "protected": None if protection is None else _protected_dict(protection, by_error_reason(protection)),
     }
+
+
+def _protected_dict(protection, by_error: tuple[int, int]) -> dict[str, Any]:
+    """Dynamic 4-bit's protected modules as `estimate` reports them: each module with its bytes and
+    why, the budget (what the configuration leaves under the safety margin) and the total."""
+    count, nbytes = by_error
+    return {"budget_bytes": protection.budget_bytes, "cost_bytes": protection.cost_bytes,
+            "candidates": protection.candidates,
+            "modules": [{"name": n, "bytes": protection.module_bytes[n], "why": protection.reasons[n]}
+                        for n in protection.protected],
+            "picked_by_error": {"count": count, "bytes": nbytes}}
+
+
+def compare(model: str, gpu: str, *, seq_len: int = 2048, micro_batch_size: int = 1,
+            lora_rank: int = DEFAULT_LORA_RANK, lora_targets: tuple[str, ...] = ("all",),
+            double_quant: bool = True, optimizer: str = "adamw_8bit",
+            calibration: str | None = None) -> dict[str, Any]:
+    """Every quantization with both backends side by side for one model and GPU (`rayquant estimate
+    --compare`): each row is `estimate` with the backend's own checkpointing (unsloth: its offload;
+    hf: torch's), or the reason it cannot run (FP8 has no hf path). One document for `--json`."""
+    from planner.plan import PlanError
+    from planner.vocab import BACKENDS, QUANTIZATIONS
+
+    out_rows, head = [], None
+    for quantization in QUANTIZATIONS:
+        for backend in BACKENDS:
+            row = {"quantization": quantization, "backend": backend, "gradient_checkpointing": backend}
+            if backend == "hf" and quantization == "fp8":
+                out_rows.append({**row, "available": False,
+                                 "reason": "the hf backend has no FP8 path (FP8 runs through Unsloth)"})
+                continue
+            try:
+                r = estimate(model, gpu, quantization=quantization, double_quant=double_quant,
+                             backend=backend, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                             lora_rank=lora_rank, lora_targets=lora_targets, gradient_checkpointing=backend,
+                             optimizer=optimizer, calibration=calibration)
+            except PlanError as e:
+                out_rows.append({**row, "available": False, "reason": str(e)})
+                continue
+            head = head or r
+            protected = r["protected"]["cost_bytes"] if r["protected"] else 0
+            out_rows.append({**row, "available": True, "peak_memory_bytes": r["peak_memory_bytes"],
+                             "fits": r["fits"], "max_seq_len": r["max_seq_len"],
+                             "tokens_per_second": r["tokens_per_second"],
+                             "host_memory_bytes": r["host_memory_bytes"], "protected_bytes": protected,
+                             "notes": r["notes"]})
+    if head is None:
+        raise PlanError(f"no quantization can be estimated for {model} on {gpu}: "
+                        + "; ".join(r["reason"] for r in out_rows))
+    return {"model": model, "gpu": head["gpu"], "gpu_memory_bytes": head["gpu_memory_bytes"],
+            "config": {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "lora_rank": lora_rank,
+                       "lora_targets": list(lora_targets), "double_quant": double_quant,
+                       "optimizer": optimizer, "calibration": calibration},
+            "rows": out_rows}

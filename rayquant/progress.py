@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from ray.train import UserCallback
@@ -30,9 +32,17 @@ def format_eval(step: int, total: int, loss: float, tokens: int) -> str:
 
 class ProgressPrinter(UserCallback):
     """Ray Train callback (runs in the controller, whose output Ray forwards to the driver): one
-    line per logging step, with the cluster's tokens/s (summed over workers)."""
+    line per logging step, with the cluster's tokens/s (summed over workers). With `progress_file`
+    (the controller runs on the driver's node), the last step every rank reported is kept there
+    for the driver's restart records (rayquant.restarts)."""
+
+    def __init__(self, progress_file: str | Path | None = None) -> None:
+        self.progress_file = progress_file
 
     def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        steps = [int(m["step"]) for m in metrics or () if "step" in m]
+        if self.progress_file is not None and steps:
+            self._keep(min(steps), checkpoint is not None)
         if metrics and "eval_loss" in metrics[0]:  # equal on every rank (token-weighted over all)
             m = metrics[0]
             print(format_eval(int(m["step"]), int(m["total_steps"]), float(m["eval_loss"]),
@@ -46,6 +56,22 @@ class ProgressPrinter(UserCallback):
         tps = sum(float(x.get("tokens_per_s", 0.0)) for x in metrics)
         print(format_progress(int(m["step"]), int(m["total_steps"]), float(m["loss"]), tps,
                               float(m.get("elapsed_s", 0.0))), flush=True)
+
+    def _keep(self, step: int, checkpointed: bool) -> None:
+        """The last step reported, and the step of the last checkpoint Ray Train registered (what
+        a restart resumes from), in the progress file (kept across the run's attempts)."""
+        from planner.atomic import write_atomically
+
+        path = Path(self.progress_file)
+        try:
+            progress = json.loads(path.read_text())
+        except (OSError, ValueError):
+            progress = {"checkpoint_step": 0}
+        progress["step"] = step
+        if checkpointed:
+            progress["checkpoint_step"] = step
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(progress))
 
     def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
         for rank, exc in sorted(worker_exceptions.items()):

@@ -93,7 +93,8 @@ def train_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # its bar prints blank lines to stdout
     corpus = [" ".join(_WORDS)] * 4
     corpus += [f"{r['instruction']} {r['input']} {r['output']}" for r in learnable_records(128)]
     tok.train_from_iterator(corpus, trainer=trainer)

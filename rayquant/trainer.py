@@ -28,9 +28,10 @@ from typing import Any, Mapping, Sequence
 from planner.atomic import write_atomically
 from planner.hardware import CPU_DEVICE
 from planner.plan import JobSpec, TrainingPlan
+from planner.replan import NothingCheaperError
 from planner.vocab import SettingError
-from rayquant import planning
-from rayquant.cluster import connect, ray_address
+from rayquant import planning, quiet
+from rayquant.cluster import actor_runtime_env, connect, ray_address
 from rayquant.config import (ConfigError, LoraOptions, RunOptions, ScalingOptions, SftOptions, address_problems,
                              calibration_problems, coerce_options, data_problems, plan_problems,
                              python_spelling, render_options)
@@ -40,7 +41,33 @@ from rayquant.models import model_problems, resolve_model, tiny_arch
 # the driver. HF_TOKEN reaches the workers through Ray's runtime env, never a log line.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
                   "HF_TOKEN", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM", "UNSLOTH_DISABLE_CPU_FALLBACK",
-                  "RAYQUANT_CACHE")
+                  "RAYQUANT_CACHE", "RAYQUANT_VERBOSE")
+
+
+# How long a worker's death may take to show as its node's death in Ray's node table (Ray marks a
+# node dead after its health checks fail; a node removed on purpose shows within a second or two).
+NODE_DEATH_WAIT_S = 30.0
+
+
+class RunFaultError(RuntimeError):
+    """A fault the run could not survive (rayquant.restarts): a failed run. The message names
+    settings and options as {placeholders} ({seq_len}, {run.max_replans}), which `render` spells
+    per face (str(): neutral names and option paths)."""
+
+    def __init__(self, message: str) -> None:
+        self.template = message
+        super().__init__(render_options(message))
+
+    def render(self, spell=None) -> str:
+        return render_options(self.template, spell)
+
+
+class RunOutOfMemoryError(RunFaultError):
+    """A worker ran out of memory with nothing cheaper left to re-plan to."""
+
+
+class RunRestartsSpentError(RunFaultError):
+    """The run needed another re-plan (out of memory, a lost node) than run.max_replans allows."""
 
 
 class TrainedNothingError(RuntimeError):
@@ -198,8 +225,14 @@ class RayQuantTrainer:
         return f"rayquant-{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     @_python_spelling
+    @quiet.quieted  # the libraries' known noise filtered here and in the workers (rayquant.quiet)
     def fit(self) -> TrainResult:
-        """Train on Ray and return the gathered adapter; data problems are raised before Ray starts."""
+        """Train on Ray and return the gathered adapter; data problems are raised before Ray starts.
+
+        A run survives faults in its workers (rayquant.restarts): out of memory (that node type
+        re-planned one step cheaper), a lost node (re-planned on the nodes left), a worker that
+        died or raised (the same plan again); each restart resumes from the last checkpoint in
+        fresh worker processes and is printed and recorded in the manifest's `run.restarts`."""
         checked = self.check()
         plan, total_steps = checked.plan, checked.total_steps
         for warning in checked.warnings:  # settings named by their option paths (sft.seq_len)
@@ -227,58 +260,47 @@ class RayQuantTrainer:
         resumed_changes = check_resume(run_dir, name, identity, run.resume_anyway)
 
         import ray
-        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
         from rayquant.adapters import build_manifest, gather, write_adapter_dir
-        from rayquant.contract import SftSettings, WorkerConfig
-        from rayquant.progress import ProgressPrinter
+        from rayquant.restarts import REPLANNED, classify
 
         if tiny_arch(self.model):
             resolve_model(self.model)  # build tiny models once here, not in every worker
         started_ray = connect(self._ray_address())
-        scaling_kwargs = self._scaling_kwargs(plan)
-        # The workers' environment, set by Ray when it starts their processes (worker_runtime_env).
-        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        env["RAYQUANT_BACKEND"] = plan.node_plans[0].backend
-        # Ray Train routes workers' print() to a logger, which leaks the disassembly dill prints
-        # into a captured stdout while `datasets` fingerprints TRL's map functions.
-        env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-        from rayquant.tracking import tracking_env
-
-        env.update(tracking_env(checked.report_to, run_dir))
-        data = checked.data
-        worker_config = WorkerConfig(
-            plan=plan, model=self.model,
-            sft=SftSettings.from_options(self.options.sft, max_steps=total_steps, seq_len=plan.job.seq_len,
-                                         dataset_format=data.format,
-                                         checkpoint_every_steps=run.checkpoint_every_steps,
-                                         evaluate=checked.eval_tokens is not None,
-                                         report_to=checked.report_to, run_name=name),
-            label_selectors=scaling_kwargs.get("label_selector"), run_config=self._run_config())
-        # The WorkerConfig travels as its JSON, the form tests/test_contract.py round-trips; the
-        # tokenized rows beside it as Ray object references, which have no JSON form and are put
-        # once for all workers rather than copied into each one's config.
-        config = {"worker_config": worker_config.to_json(), "dataset": ray.put(checked.tokens.dataset),
-                  "eval_dataset": (ray.put(checked.eval_tokens.dataset) if checked.eval_tokens is not None
-                                   else None),
-                  "callbacks": list(self.callbacks)}
-        _pickle_user_code_by_value(self.callbacks)
+        # Put once for every attempt: the tokenized rows do not depend on the plan.
+        refs = {"dataset": ray.put(checked.tokens.dataset),
+                "eval_dataset": (ray.put(checked.eval_tokens.dataset) if checked.eval_tokens is not None
+                                 else None)}
         print(f"[rayquant] training {self.model}: {plan.num_workers} workers, {total_steps} steps of "
               f"{plan.global_batch_size} sequences, run {name} in {storage}", flush=True)
-        trainer = _torch_trainer_class()(
-            _train_loop, train_loop_config=config, scaling_config=ScalingConfig(**scaling_kwargs),
-            run_config=RunConfig(
-                name=name, storage_path=str(storage),
-                checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=run.max_failures),
-                callbacks=[ProgressPrinter()], logging_config=LoggingConfig(log_level="WARNING"),
-                worker_runtime_env={"env_vars": env,
-                                    "worker_process_setup_hook": "rayquant.worker.import_unsloth_first"}))
+        restarts: list = []
+        failures = replans = 0
         t0 = time.perf_counter()
-        sigint = _sigint_handler()  # fit() installs its own (_torch_trainer_class) and leaves it
+        sigint = _sigint_handler()  # each attempt's fit() installs its own (_torch_trainer_class)
         try:
-            result = trainer.fit()
+            while True:
+                node_types = self._live_node_types()
+                try:
+                    result = self._attempt(plan, checked, name, storage, run_dir, refs, node_types)
+                    break
+                except Exception as error:  # Ray Train's report of failed workers; anything else re-raised
+                    fault = classify(error, plan, self._lost_nodes(error, plan, node_types))
+                    if fault is None:
+                        raise
+                    replanned = fault.cause in REPLANNED
+                    if replanned and replans >= run.max_replans:
+                        less = (", or plan for less memory (a smaller {seq_len}, or a `calibration` file)"
+                                if fault.cause == "out_of_memory" else "")
+                        raise RunRestartsSpentError(
+                            f"{fault.message}; the run re-planned {replans} time(s), as many as "
+                            f"{{run.max_replans}} ({run.max_replans}) allows. To fix: raise {{run.max_replans}}"
+                            f"{less}; rerun with the same {{run.name}} to resume from the last checkpoint "
+                            f"(in {run_dir})") from error
+                    if not replanned and failures >= run.max_failures:
+                        raise
+                    plan = self._restart(fault, plan, run_dir, restarts)
+                    replans += replanned
+                    failures += not replanned
         except (KeyboardInterrupt, SystemExit):
             # Ctrl-C: the run was aborted (workers and controller); say where it stopped, shut
             # down the Ray this call started, and raise RunInterrupted.
@@ -294,10 +316,12 @@ class RayQuantTrainer:
             check_trained(gathered, run_dir)  # a run that trained nothing publishes no adapter
             manifest = build_manifest(plan.to_dict(), gathered, {
                 "run": {"name": name, "storage_path": str(run_dir), "steps": total_steps,
-                        "fit_wall_s": wall_s, "dataset_rows": data.num_rows, "dataset_format": data.format,
+                        "fit_wall_s": wall_s, "dataset_rows": checked.data.num_rows,
+                        "dataset_format": checked.data.format,
                         "ray_address": self._ray_address() or "local",
-                        "resumed_with_changes": resumed_changes,
-                        "report_to": list(checked.report_to)},
+                        "report_to": list(checked.report_to),
+                        "restarts": [r.to_manifest() for r in restarts],
+                        "resumed_with_changes": resumed_changes},
                 "sft": asdict(self.options.sft), "data": checked.data_summary()})
             adapter_dir = write_adapter_dir(gathered.adapter_dir, manifest, dest, overwrite=run.overwrite)
         write_atomically(run_dir / FINISHED_MARKER,
@@ -307,7 +331,128 @@ class RayQuantTrainer:
         return TrainResult(adapter_dir=adapter_dir, manifest=manifest, metrics=metrics, plan=plan,
                            run_dir=run_dir)
 
-    def _scaling_kwargs(self, plan: TrainingPlan) -> dict[str, Any]:
+    def _attempt(self, plan: TrainingPlan, checked, name: str, storage: Path, run_dir: Path,
+                 refs: dict, node_types):
+        """One Ray Train run of `plan` (resuming from the run's last checkpoint, if any); returns
+        Ray Train's Result, raises its TrainingFailedError."""
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+
+        from rayquant.contract import SftSettings, WorkerConfig
+        from rayquant.progress import ProgressPrinter
+        from rayquant.restarts import PROGRESS_FILE
+
+        run = self.options.run
+        check_plan_runs(plan, self.options.scaling.cpus_per_worker)
+        scaling_kwargs = self._scaling_kwargs(plan, node_types)
+        # The workers' environment, set by Ray when it starts their processes (worker_runtime_env).
+        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(quiet.worker_env())
+        env["RAYQUANT_BACKEND"] = plan.node_plans[0].backend
+        # Ray Train routes workers' print() to a logger, which leaks the disassembly dill prints
+        # into a captured stdout while `datasets` fingerprints TRL's map functions.
+        env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+        from rayquant.tracking import tracking_env
+
+        env.update(tracking_env(checked.report_to, run_dir))
+        data = checked.data
+        worker_config = WorkerConfig(
+            plan=plan, model=self.model,
+            sft=SftSettings.from_options(self.options.sft, max_steps=checked.total_steps,
+                                         seq_len=plan.job.seq_len, dataset_format=data.format,
+                                         checkpoint_every_steps=run.checkpoint_every_steps,
+                                         evaluate=checked.eval_tokens is not None,
+                                         report_to=checked.report_to, run_name=name),
+            label_selectors=scaling_kwargs.get("label_selector"), run_config=self._run_config())
+        # The WorkerConfig travels as its JSON, the form tests/test_contract.py round-trips; the
+        # tokenized rows beside it as Ray object references, which have no JSON form and are put
+        # once for all workers rather than copied into each one's config.
+        config = {"worker_config": worker_config.to_json(), **refs, "callbacks": list(self.callbacks)}
+        _pickle_user_code_by_value(self.callbacks)
+        trainer = _torch_trainer_class()(
+            _train_loop, train_loop_config=config, scaling_config=ScalingConfig(**scaling_kwargs),
+            run_config=RunConfig(
+                name=name, storage_path=str(storage),
+                checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+                # Restarts are the driver's (fit's loop), which re-plans where Ray Train would
+                # retry the same plan: an out-of-memory error would only recur.
+                failure_config=FailureConfig(max_failures=0),
+                callbacks=[ProgressPrinter(run_dir / PROGRESS_FILE)],
+                logging_config=LoggingConfig(log_level="WARNING"),
+                worker_runtime_env=actor_runtime_env(env, "rayquant.worker.import_unsloth_first")))
+        return trainer.fit()
+
+    def _live_node_types(self):
+        """The live cluster's node types when the run is on one (an address, no scaling.gpus
+        description), to pin workers and to see nodes leave; None on the local machine."""
+        if self._ray_address() is None or self.options.scaling.gpus:
+            return None
+        from rayquant.inventory import discover_node_types
+
+        return discover_node_types(self._ray_address())
+
+    def _lost_nodes(self, error: BaseException, plan: TrainingPlan, node_types) -> dict[str, int]:
+        """Node type -> nodes of `plan`'s that left the cluster, on a live cluster after workers
+        failed; when a worker's process died, waits up to NODE_DEATH_WAIT_S for Ray to mark a dead
+        node (its health checks) before saying none did."""
+        from rayquant.restarts import process_died, worker_exceptions
+
+        failures = worker_exceptions(error)
+        if node_types is None or not failures:
+            return {}
+        import ray
+
+        used = {nt.key: set(nt.node_ids) for nt in node_types if nt.key in {p.node_type for p in plan.node_plans}}
+        died = any(process_died(e) for e in failures.values())
+        deadline = time.monotonic() + (NODE_DEATH_WAIT_S if died else 0.0)
+        while True:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            lost = {t: len(ids - alive) for t, ids in used.items() if ids - alive}
+            if lost or time.monotonic() > deadline:
+                return lost
+            time.sleep(1.0)
+
+    def _restart(self, fault, plan: TrainingPlan, run_dir: Path, restarts: list) -> TrainingPlan:
+        """The plan to restart with after `fault`, its restart recorded and printed."""
+        from planner.replan import changed_settings, describe_changes, replan_out_of_memory
+        from rayquant.restarts import Restart, last_checkpoint_step, reached_step, restart_line
+
+        at_step = reached_step(run_dir)
+        seen = calibration_file = None
+        new = plan
+        if fault.cause == "out_of_memory":
+            report = fault.out_of_memory
+            at_step = report.step if report.step is not None else at_step
+            seen = report.seen_bytes
+            spec = _model_spec_or_none(self.model)
+            calibration_file = _write_oom_calibration(plan, report, spec, run_dir)
+            try:
+                new = replan_out_of_memory(plan, fault.node_type, model=spec, step=at_step, seen_bytes=seen,
+                                           capacity_bytes=report.capacity_bytes).plan
+            except NothingCheaperError as e:
+                where = f" The memory seen is in {calibration_file} (pass it as `calibration`)." if calibration_file else ""
+                raise RunOutOfMemoryError(e.template + where) from None
+        elif fault.cause == "node_lost":
+            from planner.plan import PlanError
+
+            try:
+                new = planning.make_plan(self.model, self._live_node_types(), plan.job,
+                                         calibration=self.calibration)
+            except PlanError as e:
+                raise RunFaultError(f"{fault.message}, and the nodes left cannot run the job: {e.template}. "
+                                    f"Checkpoints are in {run_dir}") from None
+        before, after = changed_settings(plan, new, fault.node_type) if fault.node_type else ({}, {})
+        restart = Restart(at_step=at_step, cause=fault.cause, node_type=fault.node_type, before=before,
+                          after=after, resumed_from_step=last_checkpoint_step(run_dir), rank=fault.rank,
+                          memory_seen_bytes=seen, calibration_file=calibration_file)
+        restarts.append(restart)
+        print(restart_line(len(restarts), restart, describe_changes(before, after), fault), flush=True)
+        if calibration_file:
+            print(f"[rayquant] the memory seen is written to {calibration_file}: pass it as `calibration` "
+                  "so the next plan does not repeat this", flush=True)
+        return new
+
+    def _scaling_kwargs(self, plan: TrainingPlan, node_types=None) -> dict[str, Any]:
         from rayquant.placement import resources_per_worker, scaling_config_kwargs
 
         cpus = self.options.scaling.cpus_per_worker
@@ -317,7 +462,8 @@ class RayQuantTrainer:
                     "resources_per_worker": resources_per_worker(plan, cpus)}
         from rayquant.inventory import discover_node_types
 
-        return scaling_config_kwargs(plan, discover_node_types(self._ray_address()), cpus_per_worker=cpus)
+        return scaling_config_kwargs(plan, node_types or discover_node_types(self._ray_address()),
+                                     cpus_per_worker=cpus)
 
 
 def callback_problems(callbacks) -> list[str]:
@@ -483,11 +629,51 @@ def check_plan_runs(plan: TrainingPlan, cpus_per_worker: int = 1) -> None:
 FINISHED_MARKER = "rayquant_finished.json"  # in the run dir: its final checkpoint holds adapters only
 
 
+def _model_spec_or_none(model: str):
+    try:
+        return planning.model_spec(model)
+    except Exception:  # the re-plan goes on without new predictions
+        return None
+
+
+def _write_oom_calibration(plan: TrainingPlan, report, spec, run_dir: Path) -> str | None:
+    """On a GPU: the memory a worker held when it ran out, as a calibration file in the run
+    directory (merged with the one there), which `calibration` reads so the next plan does not
+    repeat the mistake. Returns its path; None on CPU or where the figures make no calibration."""
+    if not report.device.startswith("cuda") or spec is None:
+        return None
+    from planner.calibration import Calibration, CalibrationError
+    from planner.replan import out_of_memory_measurement
+
+    path = run_dir / "calibration.json"
+    try:
+        m = out_of_memory_measurement(plan, report.node_type, spec, seen_bytes=report.seen_bytes,
+                                      reserved_bytes=report.reserved_bytes or report.seen_bytes)
+        cal = Calibration(measurements=(m,), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          environment={"source": "out-of-memory error in a rayquant run"})
+        if path.exists():
+            cal = Calibration.load(path).merged(cal)
+        cal.save(path)
+    except (CalibrationError, OSError) as e:
+        print(f"[rayquant] warning: the memory seen was not written as calibration ({e})", flush=True)
+        return None
+    return str(path)
+
+
 def _train_loop(config: dict) -> None:
     # Imported in the worker: the driver needs neither unsloth nor a GPU.
     from rayquant.contract import WorkerConfig
     from rayquant.worker import train_loop_per_worker
+    from rayquant.worker import oom
 
     worker_config = WorkerConfig.from_json(config["worker_config"])
-    train_loop_per_worker(worker_config, config["dataset"], model_path=resolve_model(worker_config.model),
-                          eval_ref=config.get("eval_dataset"), callbacks=config.get("callbacks", ()))
+    try:
+        train_loop_per_worker(worker_config, config["dataset"], model_path=resolve_model(worker_config.model),
+                              eval_ref=config.get("eval_dataset"), callbacks=config.get("callbacks", ()))
+    except Exception as e:
+        if not oom.is_out_of_memory(e):
+            raise
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        raise oom.report(e, rank, worker_config.plan.for_rank(rank)[0].node_type) from e

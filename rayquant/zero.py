@@ -11,23 +11,24 @@ TrainingArguments).
 
 Unsloth does not support DeepSpeed, so ZeRO-3 plans use the `hf` backend (transformers + PEFT +
 bitsandbytes). The plan checks and configs are plain data; deepspeed itself is imported by
-transformers' Trainer, and here only by `gathered_trainable_state_dict` (saving the adapter).
+transformers' Trainer, and here only by `partition_quantized_model` (a 4-bit base's shards) and
+`gathered_trainable_state_dict` (saving the adapter).
 
 In a Ray Train worker (rayquant.worker) a zero3 node plan means: the SFTConfig carries
 `deepspeed=zero3_config(node_plan)` and is built before the model loads; the base loads with
-`BitsAndBytesConfig(**bnb_config_kwargs(node_plan))` and no device_map; DDP's settings do not apply;
+`BitsAndBytesConfig(**bnb_config_kwargs(node_plan))` into host RAM and is partitioned over the ranks
+before LoRA is added (`partition_quantized_model`); DDP's settings do not apply;
 every rank gathers the LoRA shards and saves the whole adapter, so the driver's hash check holds.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Mapping
 
 from planner.plan import NodePlan, PlanError, TrainingPlan
+from planner.search.policy import ZERO3_QUANTIZATIONS
 
-# Quantizations ZeRO-3 can shard: 16-bit weights, and NF4 packed into 16-bit storage. FP8 weights
-# (float8 tensors with per-row scales) have no ZeRO-3 path in DeepSpeed 0.19.
-ZERO3_QUANTIZATIONS = ("bf16", "fp16", "nf4", "dynamic-4bit")
 # DeepSpeed's own optimizers do not include bitsandbytes' 8-bit AdamW; ZeRO accepts a client
 # optimizer only with `zero_allow_untested_optimizer` (deepspeed/runtime/engine.py).
 _BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
@@ -128,6 +129,64 @@ def zero3_config(node_plan: NodePlan, offload_optimizer: bool = False,
     if node_plan.optimizer in _BNB_OPTIMIZERS:
         config["zero_allow_untested_optimizer"] = True
     return config
+
+
+@contextmanager
+def zero3_suspended():
+    """transformers' ZeRO-3 switch off for a while: a 4-bit base then loads into host RAM with
+    `device_map={"": "cpu"}` (refused while ZeRO-3 is on). Quantized models are never built under
+    zero.Init anyway, so the device is the only difference. The TrainingArguments' DeepSpeed config
+    is back on afterwards."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def partition_quantized_model(model) -> dict[str, int]:
+    """Partition a 4-bit base loaded whole into host RAM over the ZeRO-3 ranks, one parameter at a
+    time, before the DeepSpeed engine sees it. Call with the DeepSpeed config active (the
+    TrainingArguments built first) and before adding LoRA.
+
+    transformers builds quantized models without zero.Init (modeling_utils.py get_init_context:
+    zero.Init only `if not is_quantized`), and bitsandbytes' quantizer puts a model loaded without
+    a device_map on the current GPU (quantizer_bnb_4bit.py update_device_map), so every rank would
+    first hold the whole 4-bit base on its GPU; the engine then moves a module that is not
+    zero-initialized to the device whole (deepspeed/runtime/engine.py _configure_distributed_model)
+    before partitioning it. A 70B base is ~40 GB in 4-bit: more than a 24 GB GPU. Loaded on the CPU
+    instead (zero3_suspended), `Init(module=...)` moves each parameter alone to the device and keeps
+    this rank's shard of it (partition_parameters.py _convert_to_zero_parameters), and the engine
+    leaves a partitioned module where it is. QuantStates and buffers are no parameters: they follow
+    here. Not yet run on a GPU (the CPU tests cover the same calls with the CPU as the device).
+    Returns what this rank now holds: `zero3_base_bytes` (every base parameter whole) and
+    `zero3_shard_bytes` (its shards of them), for the manifest.
+    """
+    import bitsandbytes as bnb
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    # deepspeed.comm over the process group Ray Train set up (the engine would do it later; the
+    # config's batch check needs the world size now).
+    deepspeed.init_distributed()
+    deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
+    device = torch.device(get_accelerator().current_device_name())
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.weight.quant_state.to(device)  # in place
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+    params = list(model.parameters())
+    return {"zero3_base_bytes": sum(p.ds_numel * p.ds_tensor.element_size() for p in params),
+            "zero3_shard_bytes": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)}
 
 
 def gathered_trainable_state_dict(model) -> dict[str, Any]:

@@ -22,14 +22,14 @@ def test_all_problems_listed_together(tmp_path):
     data.write_text('{"text": "hi"}\n')
     bad = {"model": "rayquant/tiny-llama", "dataset": str(data), "colour": "red",
            "lora": {"rank": 0, "typo": 1}, "sft": {"quantization": "int3", "seq_len": 4},
-           "run": {"max_failures": -1}}
+           "run": {"max_failures": -1, "max_replans": -2}}
     with pytest.raises(ConfigError) as e:
         parse_train_config(bad)
     text = str(e.value)
     for needle in ("'colour' is not a config key", "lora.typo is not an option", "lora.rank must be",
-                   "sft.quantization must be one of", "sft.seq_len must be", "run.max_failures must be"):
+                   "sft.quantization must be one of", "sft.seq_len must be", "run.max_failures must be", "run.max_replans must be"):
         assert needle in text
-    assert len(e.value.problems) == 6
+    assert len(e.value.problems) == 7
 
 
 def test_missing_required_and_paths(tmp_path):

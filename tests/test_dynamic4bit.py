@@ -15,11 +15,11 @@ from rayquant.dynamic4bit import (
     bnb_quantization_config,
     measure_errors_from_checkpoint,
     measure_errors_from_model,
-    nf4_bytes,
     protect_cost_bytes,
     restore_protected_modules,
     select_protected,
 )
+from planner.tensor_bytes import nf4_bytes
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (128, 96), (512, 256), (4096, 64)])
@@ -204,11 +204,18 @@ def test_load_for_training_protects_within_the_plans_budget(tiny_llama_dir, back
 
     from rayquant.loading import load_for_training, quantized_module_counts
 
+    from planner.memory.protected import protection_weight_bytes
+
     errors = measure_errors_from_checkpoint(tiny_llama_dir, device="cpu")
-    order = select_protected(errors, 2**40).protected
+    per = protection_weight_bytes(backend)  # hf: the protected modules end up fp32
+    order = select_protected(errors, 2**40, weight_bytes=per).protected
     numel = {e.name: e.numel for e in errors}
-    budget = sum(protect_cost_bytes(numel[n]) for n in order[:2]) + protect_cost_bytes(numel[order[2]]) - 1
-    want = select_protected(errors, budget)  # two modules; the third misses by one byte
+
+    def cost(n):
+        return protect_cost_bytes(numel[n], weight_bytes=per)
+
+    budget = sum(cost(n) for n in order[:2]) + cost(order[2]) - 1
+    want = select_protected(errors, budget, weight_bytes=per)  # two modules; the third misses by one byte
     node, job = _plan(protected_budget_bytes=budget, backend=backend, gradient_checkpointing=checkpointing)
 
     model, _, info = load_for_training(str(tiny_llama_dir), node, job, device_map={"": "cpu"})
@@ -260,3 +267,70 @@ def test_a_4bit_base_trains_fp32_adapters_like_a_16bit_one(tiny_llama_dir):
     assert trainable and {p.dtype for p in trainable} == {torch.float32}
     trainer.train()
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_the_planner_and_the_worker_share_one_rule(four_layer_llama):
+    """The worker selects with planner.memory.protected's rule; the planner, which cannot read the
+    weights, finds the same candidates in the model's config and, with a budget for the edge layers,
+    the same modules at the same cost."""
+    import planner.memory.protected as rule
+    import rayquant.dynamic4bit as worker
+    from planner.model import load_model_spec
+
+    assert worker.select_protected is rule.select_protected
+    assert worker.protect_cost_bytes is rule.protect_cost_bytes
+    errors = measure_errors_from_checkpoint(four_layer_llama, device="cpu")
+    spec = load_model_spec(str(four_layer_llama))
+    planned = rule.candidate_modules(spec)
+    assert sorted((e.name, e.numel) for e in planned) == sorted((e.name, e.numel) for e in errors)
+    edges = [e for e in errors if e.layer in (0, 3)]
+    budget = sum(protect_cost_bytes(e.numel) for e in edges)
+    real = select_protected(errors, budget)
+    assert set(real.protected) == {e.name for e in edges}
+    predicted = rule.planned_protection(spec, budget)
+    assert set(predicted.protected) == set(real.protected) and predicted.cost_bytes == real.cost_bytes
+    # With room for more, the non-edge names stand in for the worker's picks; both fill the budget
+    # greedily, so each leaves less than one module's cost unspent and their bytes differ by less.
+    largest = max(protect_cost_bytes(e.numel) for e in errors)
+    budget += 2 * largest
+    real, predicted = select_protected(errors, budget), rule.planned_protection(spec, budget)
+    assert abs(predicted.cost_bytes - real.cost_bytes) < largest
+    assert max(predicted.cost_bytes, real.cost_bytes) <= budget
+    assert "layers.2.mlp.down_proj" in " ".join(real.protected)  # the outlier module, by its error
+
+
+def test_estimate_and_plan_peaks_include_the_protected_modules():
+    from click.testing import CliRunner
+
+    from planner.hardware import lookup_gpu
+    from rayquant import planning
+    from rayquant.cli import main
+
+    args = ["estimate", "-m", "meta-llama/Llama-3.1-8B", "-g", "L4", "--json"]
+    nf4 = json.loads(CliRunner().invoke(main, args + ["--quantization", "nf4"]).output)
+    dyn = json.loads(CliRunner().invoke(main, args + ["--quantization", "dynamic-4bit"]).output)
+    prot = dyn["protected"]
+    assert nf4["protected"] is None and prot["cost_bytes"] > 0
+    assert dyn["peak_memory_bytes"] == nf4["peak_memory_bytes"] + prot["cost_bytes"]
+    assert dyn["breakdown_bytes"]["weights"] == nf4["breakdown_bytes"]["weights"] + prot["cost_bytes"]
+    assert sum(m["bytes"] for m in prot["modules"]) == prot["cost_bytes"] <= prot["budget_bytes"]
+    # The safety margin (10%) stays free.
+    assert dyn["peak_memory_bytes"] <= 0.9 * lookup_gpu("L4").memory_bytes
+    assert prot["budget_bytes"] == int(0.9 * lookup_gpu("L4").memory_bytes) - nf4["peak_memory_bytes"]
+    text = CliRunner().invoke(main, args[:-1] + ["--quantization", "dynamic-4bit"]).output
+    assert "model.layers.0.self_attn.q_proj" in text and "first decoder layer" in text
+    assert "picked by measured NF4 error" in text
+
+    job = planning.job_spec(planning.LoraOptions(rank=16), planning.SftOptions(
+        seq_len=2048, global_batch_size=8, quantization="dynamic-4bit"))
+    plan = planning.make_plan("meta-llama/Llama-3.1-8B", planning.node_types(gpus="1xL4"), job)
+    (node,) = plan.node_plans
+    nf4_plan = planning.make_plan("meta-llama/Llama-3.1-8B", planning.node_types(gpus="1xL4"),
+                                  planning.job_spec(planning.LoraOptions(rank=16), planning.SftOptions(
+                                      seq_len=2048, global_batch_size=8, quantization="nf4")))
+    (base,) = nf4_plan.node_plans
+    assert node.micro_batch_size == base.micro_batch_size
+    spent = node.peak_memory_bytes - base.peak_memory_bytes
+    assert 0 < spent <= node.protected_budget_bytes
+    assert node.breakdown.weights - base.breakdown.weights == spent
+    assert node.peak_memory_bytes <= node.memory_budget_bytes

@@ -54,7 +54,7 @@ def _config(tmp_path: Path, **extra) -> Path:
 
 def _k8s_plan(config: Path, *extra: str) -> tuple[TrainingPlan, dict]:
     out = _invoke("k8s", "--config", str(config), "--gpus", GPUS, "--image", "img:1", "--storage", "pvc",
-                  "--dataset-in-pod", "/data/train.jsonl", *extra).output
+                  "--dataset-in-pod", "/data/train.jsonl", "--hf-token-secret", "hf-token", *extra).output
     configmap = next(yaml.safe_load_all(out))
     return TrainingPlan.from_json(configmap["data"]["plan.json"]), yaml.safe_load(configmap["data"]["train.yaml"])
 

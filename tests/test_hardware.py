@@ -13,6 +13,7 @@ from planner.hardware import (
     GPU_CATALOG,
     MIB,
     NodeType,
+    AmbiguousGpuError,
     UnknownGpuError,
     cpu_device,
     fp8_path_for,
@@ -200,3 +201,47 @@ def test_catalog_commands_import_neither_torch_nor_ray():
             "print(r, sorted(m for m in ('torch', 'ray', 'transformers', 'yaml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[0, 0] []", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name, choices", [
+    ("A100", ("A100-40GB", "A100-80GB")), ("a100-sxm", ("A100-40GB", "A100-80GB")),
+    ("V100", ("V100-16GB", "V100-32GB")), ("H100", ("H100-80GB", "H100-PCIe", "H100-NVL")),
+    ("A6000", ("RTX-A6000", "RTX-6000-Ada")), ("RTX 6000", ("RTX-A6000", "RTX-6000-Ada"))])
+def test_ambiguous_gpu_names_are_refused_with_the_choices(name, choices):
+    with pytest.raises(AmbiguousGpuError) as e:
+        lookup_gpu(name)
+    msg = str(e.value)
+    assert isinstance(e.value, PlanError) and "To fix: write" in msg
+    assert all(c in msg for c in choices)
+    with pytest.raises(AmbiguousGpuError):
+        parse_gpu_spec(f"4x{name}")
+    with pytest.raises(PlanError, match="To fix: write"):
+        node_types_from_dicts([{"gpu": name, "count": 2}])
+
+
+def test_ambiguous_names_say_exactly_what_to_write():
+    with pytest.raises(AmbiguousGpuError) as e:
+        parse_gpu_spec("4xA100")
+    assert str(e.value).endswith("To fix: write A100-40GB or A100-80GB.")
+
+
+def test_real_memory_decides_an_ambiguous_name():
+    # What live inventory passes: the memory NVML reports for the GPU.
+    assert lookup_gpu("A100", 40 * GIB).name == "A100-40GB"
+    assert lookup_gpu("A100", int(79.2 * GIB)).name == "A100-80GB"
+    assert lookup_gpu("V100", 32 * GIB).name == "V100-32GB"
+    # Two variants with the same memory: the slower one (the plan's speed is not overstated).
+    assert lookup_gpu("H100", int(79.6 * GIB)).name == "H100-PCIe"
+    assert lookup_gpu("H100", 94 * GIB).name == "H100-NVL"
+    # A memory that fits none of them does not pick one.
+    with pytest.raises(AmbiguousGpuError):
+        lookup_gpu("A100", 24 * GIB)
+
+
+def test_ambiguous_gpu_on_the_command_line_exits_2():
+    from rayquant.cli import main
+    r = CliRunner().invoke(main, ["plan", "-m", "meta-llama/Llama-3.1-8B", "--gpus", "4xA100"])
+    assert r.exit_code == 2, r.output
+    assert "To fix: write A100-40GB or A100-80GB" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["estimate", "-m", "meta-llama/Llama-3.1-8B", "-g", "V100"])
+    assert r.exit_code == 2 and "V100-16GB or V100-32GB" in r.output

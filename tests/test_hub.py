@@ -242,7 +242,7 @@ def test_hub_datasets_and_the_new_keys_survive_k8s_rendering(tmp_path):
     text = yaml.safe_dump(config).replace("'2e-4'", "2e-4")  # written as a user writes it
     (tmp_path / "job.yaml").write_text(text)
     out = CliRunner().invoke(main, ["k8s", "--config", str(tmp_path / "job.yaml"), "--gpus", "1x1xA10G",
-                                    "--image", "img:1", "--storage", "pvc"])
+                                    "--image", "img:1", "--storage", "pvc", "--hf-token-secret", "hf-token"])
     assert out.exit_code == 0, out.output
     configmap = next(yaml.safe_load_all(out.output))
     mounted = yaml.safe_load(configmap["data"]["train.yaml"])
@@ -262,5 +262,5 @@ def test_hub_datasets_and_the_new_keys_survive_k8s_rendering(tmp_path):
     (tmp_path / "dir").mkdir()
     (tmp_path / "job.yaml").write_text(text.replace("fake-org/tiny-ds", "dir"))
     out = CliRunner().invoke(main, ["k8s", "--config", str(tmp_path / "job.yaml"), "--gpus", "1x1xA10G",
-                                    "--image", "img:1", "--storage", "pvc"])
+                                    "--image", "img:1", "--storage", "pvc", "--hf-token-secret", "hf-token"])
     assert out.exit_code == 2 and "is a directory, which cannot travel in a ConfigMap" in out.output, out.output

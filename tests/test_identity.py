@@ -24,7 +24,8 @@ def _plan(micro=(2, 1), accum=(2, 3), seq_len=128) -> TrainingPlan:
                            memory_budget_bytes=2, breakdown=MemoryBreakdown(1, 1, 1, 1, 1, 1, 1),
                            tokens_per_second=1.0, reasons={})
                   for k, (m, a) in enumerate(zip(micro, accum)))
-    return TrainingPlan("tiny", {}, job, nodes, (WorkerAssignment(0, "CPU:0", 0, 0), WorkerAssignment(1, "CPU:1", 0, 0)))
+    workers = (WorkerAssignment(0, "CPU:0", 0, 0), WorkerAssignment(1, "CPU:1", 0, 0))
+    return TrainingPlan("tiny", {}, job, nodes, workers)
 
 
 def _rows(n=20, shift=0):

@@ -98,7 +98,8 @@ def test_ctrl_c_says_where_the_run_stopped_and_exits_130(interrupted):
     stopped = [x for x in out.splitlines() if x.startswith("[rayquant] interrupted")]
     run_dir = interrupted["tmp"] / "runs" / "ctrlc"
     assert len(stopped) == 1 and re.fullmatch(
-        rf"\[rayquant\] interrupted: run ctrlc stopped; its last checkpoint is step \d+, in {re.escape(str(run_dir))}\. "
+        rf"\[rayquant\] interrupted: run ctrlc stopped; its last checkpoint is step \d+, "
+        rf"in {re.escape(str(run_dir))}\. "
         r"To resume it, run the same command again \(same run\.name\)\.", stopped[0]), stopped
     assert interrupted["ray_processes"] and not interrupted["alive"], interrupted["alive"]
 

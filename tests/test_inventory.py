@@ -260,3 +260,11 @@ def test_cli_inventory_local_and_bad_flags():
     assert json.loads(local.output)["nodes"][0]["count"] == 1
     both = runner.invoke(main, ["inventory", "--local", "--address", "x:6379"])
     assert both.exit_code == 2 and "drop --address" in both.output
+
+
+def test_nvml_memory_decides_an_ambiguous_name():
+    # A driver that reports only "A100" (some cloud images): the memory NVML reads picks the variant.
+    (t,) = node_types_from_probes([nvml_probe("a", "A100", 4, 39.4, (8, 0))])
+    assert t.gpu.name == "A100-40GB"
+    (t,) = node_types_from_probes([nvml_probe("b", "NVIDIA A100", 4, 79.2, (8, 0))])
+    assert t.gpu.name == "A100-80GB"

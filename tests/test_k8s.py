@@ -88,6 +88,15 @@ def kuberay_problems(doc) -> list[str]:
                 problems.append(f"{group_name}: replicas outside [min, max]")
     if doc["kind"] == "RayJob":
         js = doc["spec"]
+        submitter = js.get("submitterPodTemplate")
+        if submitter is not None:
+            if js.get("submissionMode") == "SidecarMode":
+                problems.append("SidecarMode with submitterPodTemplate")
+            if not submitter["spec"].get("containers"):
+                problems.append("submitter: no container")
+            # The submitter is a batch Job's pod: Kubernetes refuses restartPolicy Always there.
+            if submitter["spec"].get("restartPolicy") not in ("Never", "OnFailure"):
+                problems.append("submitter restartPolicy")
         if js.get("ttlSecondsAfterFinished", 0) > 0 and not js.get("shutdownAfterJobFinishes"):
             problems.append("ttl without shutdownAfterJobFinishes")
         if js.get("activeDeadlineSeconds") is not None and js["activeDeadlineSeconds"] <= 0:
@@ -106,8 +115,10 @@ def assert_valid(docs, crd_validators):
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
     assert kuberay_problems(ray_doc) == []
     spec = _cluster_spec(ray_doc)
-    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
-        template = group["template"]
+    templates = [g["template"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+    if "submitterPodTemplate" in ray_doc["spec"]:
+        templates.append(ray_doc["spec"]["submitterPodTemplate"])
+    for template in templates:
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": "p", **template.get("metadata", {})}, "spec": template["spec"]}
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
@@ -348,8 +359,8 @@ def test_hf_token_comes_from_a_secret_on_every_pod():
 
 
 def test_no_secret_no_token_env():
-    spec = _cluster_spec(render(hf_token_secret=None)[1])
-    assert "env" not in container(spec["headGroupSpec"])
+    spec = _cluster_spec(render(hf_token_secret=None, no_hf_token=True)[1])
+    assert "HF_TOKEN" not in {e["name"] for e in container(spec["headGroupSpec"]).get("env", [])}
 
 
 @pytest.mark.parametrize("config", [
@@ -393,7 +404,7 @@ def run_cli(*args):
 
 
 EXAMPLE_ARGS = ["--config", "k8s/train.yaml", "--image", "registry.example.com/rayquant:0.1.0",
-                "--storage", "rayquant-pvc", "--hf-token-secret", "hf-token",
+                "--image-pull-secret", "regcred", "--storage", "rayquant-pvc", "--hf-token-secret", "hf-token",
                 "--dataset-in-pod", "/mnt/rayquant/data/train.jsonl"]
 EXAMPLES = {
     "rayjob-h100.yaml": ["--gpus", "2x8xH100-80GB", "--name", "llama-h100", *EXAMPLE_ARGS],
@@ -467,7 +478,8 @@ def test_cli_uses_a_given_plan_and_renders_a_raycluster(tmp_path, monkeypatch):
     plan_file.write_text(MIXED.to_json())
     result = run_cli("--config", "k8s/train.yaml", "--plan", str(plan_file), "--image", "img:1",
                      "--storage", "gs://bucket/runs", "--dataset-in-pod", "/data/x.jsonl",
-                     "--cluster", "--gpu-label", "karpenter.k8s.aws/instance-gpu-name")
+                     "--hf-token-secret", "hf-token", "--cluster",
+                     "--gpu-label", "karpenter.k8s.aws/instance-gpu-name")
     assert result.exit_code == 0, result.output
     configmap, cluster = yaml.safe_load_all(result.output)
     assert cluster["kind"] == "RayCluster"
@@ -495,3 +507,239 @@ def test_cli_refuses_a_missing_config(tmp_path):
     result = run_cli("--config", str(tmp_path / "nope.yaml"), "--gpus", "1x1xT4", "--image", "i",
                      "--storage", "pvc")
     assert result.exit_code == 2 and "cannot read --config" in result.output and "To fix" in result.output
+
+
+# --- model cache, disk, pod identity, storage credentials, gated models (issue 15) -------------
+def pods(doc):
+    """(role, pod spec) of every pod the RayJob/RayCluster makes: head, each worker group, and the
+    submitter when the manifest carries its template."""
+    spec = _cluster_spec(doc)
+    out = [("head", spec["headGroupSpec"]["template"]["spec"])]
+    out += [(g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
+    if "submitterPodTemplate" in doc["spec"]:
+        out.append(("submitter", doc["spec"]["submitterPodTemplate"]["spec"]))
+    return out
+
+
+def env_of(pod_spec):
+    return {e["name"]: e for e in pod_spec["containers"][0].get("env", [])}
+
+
+def ephemeral_gib(group):
+    res = container(group)["resources"]
+    assert res["requests"].get("ephemeral-storage") == res["limits"].get("ephemeral-storage")
+    value = res["limits"].get("ephemeral-storage")
+    return None if value is None else int(value.removesuffix("Gi"))
+
+
+def test_pvc_storage_gets_a_model_cache_on_it_by_default(crd_validators):
+    docs = render(MIXED)
+    assert_valid(docs, crd_validators)
+    for role, pod in pods(docs[1]):
+        assert env_of(pod)["HF_HOME"] == {"name": "HF_HOME", "value": "/mnt/rayquant/huggingface"}
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert "/mnt/rayquant" in mounts, role  # HF_HOME is on the mounted claim
+    # With the cache the model is not downloaded into the pods' disks: the A10G group (NF4, no FP8
+    # copy) asks only for Ray's temp dir.
+    a10g = {g["labels"][NODE_TYPE_LABEL]: g for g in groups(docs)}["A10G-1"]
+    assert ephemeral_gib(a10g) == k8s.sizing.RAY_TEMP_BYTES // GIB
+
+
+@pytest.mark.parametrize("given, hf_home", [("hf", "/mnt/rayquant/hf"),
+                                            ("/mnt/rayquant/cache/hf", "/mnt/rayquant/cache/hf")])
+def test_model_cache_path_on_the_pvc(given, hf_home):
+    spec = _cluster_spec(render(MIXED, model_cache=given)[1])
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert env_of(group["template"]["spec"])["HF_HOME"]["value"] == hf_home
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(model_cache="/data/hf"), "must be a directory on the PVC"),
+    (dict(model_cache="../hf"), "must be a directory on the PVC"),
+    (dict(model_cache="hf", storage="s3://bucket/runs"), "the cache must be on a PVC"),
+    (dict(model_cache="hf", no_model_cache=True), "exclude each other"),
+], ids=["outside-pvc", "dotdot", "bucket", "both"])
+def test_bad_model_cache_is_refused_with_a_fix(kw, match):
+    with pytest.raises(k8s.K8sError, match=match):
+        options(**kw)
+
+
+@pytest.mark.parametrize("kw", [dict(no_model_cache=True), dict(storage="s3://bucket/runs")],
+                         ids=["no-cache", "bucket"])
+def test_without_a_cache_each_worker_pod_has_disk_for_the_model(kw, crd_validators):
+    from planner.memory.weights import weight_bytes
+    from rayquant.planning import model_spec
+
+    docs = render(MIXED, **kw)
+    assert_valid(docs, crd_validators)
+    assert all("HF_HOME" not in env_of(pod) for _, pod in pods(docs[1]))
+    spec = model_spec(MIXED.model)
+    # The checkpoint is the 16-bit safetensors the Hub serves: planner.memory's weights term in 16 bits.
+    files = weight_bytes(spec, quantization="bf16", double_quant=True, backend="unsloth", protected_bytes=0)
+    assert files == 2 * spec.num_params
+    by_type = {g["labels"][NODE_TYPE_LABEL]: g for g in groups(docs)}
+    assert ephemeral_gib(by_type["A10G-1"]) == -(-(k8s.sizing.RAY_TEMP_BYTES + files) // GIB)
+    # The H100 node loads FP8 through Unsloth, which writes one FP8 copy per worker under /tmp.
+    h100 = MIXED.node_plans[0]
+    fp8 = 8 * k8s.sizing.fp8_artifact_bytes(spec) if h100.fp8_path == "unsloth" else 0
+    assert ephemeral_gib(by_type["H100-80GB-8"]) == -(-(k8s.sizing.RAY_TEMP_BYTES + files + fp8) // GIB)
+    # The head reads only the config and tokenizer: no disk request from the model.
+    assert "ephemeral-storage" not in container(_cluster_spec(docs[1])["headGroupSpec"])["resources"]["limits"]
+
+
+def test_checkpoint_bytes_follow_the_checkpoints_storage():
+    from rayquant.planning import model_spec
+
+    base, nf4 = model_spec("meta-llama/Llama-3.1-8B"), model_spec("unsloth/Llama-3.1-8B-bnb-4bit")
+    assert k8s.sizing.checkpoint_bytes(base) == 2 * base.num_params
+    # Pre-quantized NF4: the Hub's file is 5.70 GB (unsloth/Meta-Llama-3.1-8B-bnb-4bit).
+    assert 5.5e9 < k8s.sizing.checkpoint_bytes(nf4) < 6.0e9
+    fp32 = dataclasses.replace(base, torch_dtype="float32")
+    assert k8s.sizing.checkpoint_bytes(fp32) == 2 * k8s.sizing.checkpoint_bytes(base)
+
+
+def test_service_account_and_pull_secrets_on_every_pod_and_the_submitter(crd_validators):
+    docs = render(MIXED, service_account="rayquant-sa",
+                  image_pull_secrets=("regcred", "mirror-cred"))
+    assert_valid(docs, crd_validators)
+    roles = [role for role, _ in pods(docs[1])]
+    assert roles == ["head", "h100-80gb-8", "a10g-1", "submitter"]
+    for role, pod in pods(docs[1]):
+        assert pod["serviceAccountName"] == "rayquant-sa", role
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror-cred"}], role
+    submitter = docs[1]["spec"]["submitterPodTemplate"]["spec"]
+    (box,) = submitter["containers"]
+    assert box["image"] == "ghcr.io/acme/rayquant:0.1.0" and "command" not in box  # KubeRay fills it
+    assert submitter["restartPolicy"] == "Never"
+
+
+def test_no_identity_no_submitter_template():
+    assert "submitterPodTemplate" not in render(MIXED)[1]["spec"]
+    assert all("serviceAccountName" not in pod for _, pod in pods(render(MIXED)[1]))
+
+
+@pytest.mark.parametrize("mode", ["SidecarMode", "HTTPMode"])
+def test_submitter_template_only_in_k8s_job_mode(mode, crd_validators):
+    docs = render(MIXED, service_account="rayquant-sa", submission_mode=mode)
+    assert "submitterPodTemplate" not in docs[1]["spec"]  # KubeRay refuses one in SidecarMode
+    assert_valid(docs, crd_validators)
+    assert all(pod["serviceAccountName"] == "rayquant-sa" for _, pod in pods(docs[1]))
+
+
+def test_raycluster_carries_the_identity_on_its_pods(crd_validators):
+    docs = render(MIXED, cluster=True, service_account="rayquant-sa", image_pull_secrets=("regcred",))
+    assert_valid(docs, crd_validators)
+    assert all(pod["imagePullSecrets"] == [{"name": "regcred"}] for _, pod in pods(docs[1]))
+
+
+def test_s3_credentials_come_from_the_storage_secret(crd_validators):
+    docs = render(MIXED, storage="s3://bucket/runs", storage_secret="s3-creds")
+    assert_valid(docs, crd_validators)
+    for role, pod in pods(docs[1]):
+        env = env_of(pod)
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": key}}}
+        for key in ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": key, "optional": True}
+        assert all("value" not in e for name, e in env.items() if name.startswith("AWS_"))
+    assert mounted(docs)["run"]["storage_path"] == "s3://bucket/runs"
+
+
+@pytest.mark.parametrize("storage", ["rayquant-pvc", "gs://bucket/runs"])
+def test_storage_secret_needs_an_s3_bucket(storage):
+    with pytest.raises(k8s.K8sError, match="not an s3:// bucket"):
+        options(storage=storage, storage_secret="s3-creds")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(service_account="Bad_SA"), "--service-account"),
+    (dict(image_pull_secrets=("regcred", "regcred")), "twice"),
+    (dict(image_pull_secrets=("Reg Cred",)), "--image-pull-secret"),
+    (dict(storage="s3://b/r", storage_secret="s3_creds"), "--storage-secret"),
+    (dict(no_hf_token=True), "exclude each other"),  # with the base's --hf-token-secret
+])
+def test_bad_identity_and_secret_names_are_refused(kw, match):
+    with pytest.raises(k8s.K8sError, match=match):
+        options(**kw)
+
+
+def test_gated_model_without_a_token_secret_is_refused_unless_said():
+    with pytest.raises(k8s.K8sError, match="gated") as e:
+        render(MIXED, hf_token_secret=None)
+    assert "To fix" in str(e.value) and "--hf-token-secret" in str(e.value) and "--no-hf-token" in str(e.value)
+    docs = render(MIXED, hf_token_secret=None, no_hf_token=True)
+    assert all("HF_TOKEN" not in env_of(pod) for _, pod in pods(docs[1]))
+
+
+def test_models_outside_gated_orgs_need_no_token():
+    plan = dataclasses.replace(MIXED, model="Qwen/Qwen2.5-7B")
+    docs = k8s.render_manifests(plan, {**CONFIG, "model": "Qwen/Qwen2.5-7B"},
+                                options(hf_token_secret=None))
+    assert all("HF_TOKEN" not in env_of(pod) for _, pod in pods(docs[1]))
+
+
+def test_cli_gated_model_exit_2_with_the_fix(monkeypatch):
+    monkeypatch.chdir(REPO)
+    args = [a for a in EXAMPLES["rayjob-mixed.yaml"]]
+    i = args.index("--hf-token-secret")
+    del args[i:i + 2]
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "gated" in result.output and "To fix" in result.output and "--no-hf-token" in result.output
+    assert run_cli(*args, "--no-hf-token").exit_code == 0
+
+
+def test_cli_without_image_says_how_to_build_and_push_it(monkeypatch):
+    monkeypatch.chdir(REPO)
+    args = [a for a in EXAMPLES["rayjob-mixed.yaml"]]
+    i = args.index("--image")
+    del args[i:i + 2]
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert "docker build -f docker/Dockerfile" in result.stderr and "docker push" in result.stderr
+    assert "To fix: pass --image" in result.stderr
+    assert (REPO / "docker" / "Dockerfile").is_file()  # the file the instructions name
+
+
+def test_done_means_private_registry_bucket_and_gated_model_need_no_hand_edit(tmp_path, monkeypatch,
+                                                                              crd_validators):
+    """Issue 15: a RayJob rendered with the new options is complete for a private registry, an S3
+    bucket and a gated model: every pod pulls with the secret, runs as the service account, has
+    the S3 credentials and the token, and the workers have disk for the model."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "rayjob.yaml"
+    result = run_cli("--config", "k8s/train.yaml", "--gpus", "1x8xH100-80GB,4x1xA10G", "--name", "llama",
+                     "--image", "registry.internal/ml/rayquant:0.1.0", "--image-pull-secret", "regcred",
+                     "--service-account", "rayquant", "--storage", "s3://bucket/runs",
+                     "--storage-secret", "s3-creds", "--hf-token-secret", "hf-token",
+                     "--dataset-in-pod", "/data/train.jsonl", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    docs = list(yaml.safe_load_all(out.read_text()))
+    assert_valid(docs, crd_validators)
+    for role, pod in pods(docs[1]):
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["serviceAccountName"] == "rayquant"
+        assert pod["containers"][0]["image"] == "registry.internal/ml/rayquant:0.1.0"
+        if role != "submitter":  # the submitter only talks to the dashboard
+            assert {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env_of(pod))
+    for group in groups(docs):
+        assert ephemeral_gib(group) > 16  # the 16 GB checkpoint is downloaded into each pod
+    assert "wrote" in result.output and "disk" in result.output
+
+
+def test_gated_is_known_without_the_hub_for_gated_orgs_and_unknown_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    from rayquant.models import hub_gated
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_gated("meta-llama/Llama-Guard-4-12B") is True  # not in the catalog: its org is gated
+    assert hub_gated("google/gemma-3-270m") is True
+    assert hub_gated("Qwen/Qwen3-8B") is False  # a catalog model outside the gated orgs
+    assert hub_gated("rayquant/tiny-llama") is False and hub_gated("/models/llama") is False
+    assert hub_gated("some-org/some-model") is None  # would ask the Hub; offline, unknown
+    # Unknown is not refused (the pods say so if the Hub turns them away); a gated org is.
+    from rayquant.k8s.render import check_hf_token
+
+    check_hf_token("some-org/some-model", options(hf_token_secret=None))
+    with pytest.raises(k8s.K8sError, match="gated"):
+        check_hf_token("meta-llama/Llama-Guard-4-12B", options(hf_token_secret=None))

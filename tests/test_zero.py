@@ -125,6 +125,20 @@ _RUN = textwrap.dedent("""
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
     result = trainer.train()
     base = trainer.model_wrapped.module.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    # What this rank holds of the base: its shards of every base parameter (packed 4-bit codes in
+    # bf16 storage and the 16-bit rest), and the QuantStates, which are no parameters.
+    frozen = [p for p in trainer.model_wrapped.module.parameters() if not p.requires_grad]
+    import bitsandbytes as bnb
+
+    states = [m.weight.quant_state for m in trainer.model_wrapped.module.modules()
+              if isinstance(m, bnb.nn.Linear4bit)]  # not PEFT's LoRA wrapper of one
+    state_tensors = [t for q in states for t in (q.absmax, q.code)
+                     + ((q.offset, q.state2.absmax, q.state2.code) if q.nested else ())]
+    report.update(
+        base_param_bytes=sum(p.ds_numel * p.ds_tensor.element_size() for p in frozen),
+        base_shard_bytes=sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in frozen),
+        base_params=len(frozen),
+        quant_state_bytes=sum(t.numel() * t.element_size() for t in state_tensors))
     report.update(
         engine=type(trainer.model_wrapped).__name__,
         zero_stage=trainer.model_wrapped.zero_optimization_stage(),
@@ -173,6 +187,20 @@ def test_zero3_qlora_trains_on_two_cpu_processes(tiny_llama_dir, tmp_path):
     adapter = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero; training moved it
+
+    # The planner's ZeRO-3 weight model against what DeepSpeed really left each rank: the quant
+    # states whole, every base parameter (packed codes included) split in two, no fp32 upcast.
+    from planner.memory.weights import _quant_state_bytes, layer_groups, weight_bytes
+    from planner.model import load_model_spec
+
+    tiny = load_model_spec(str(tiny_llama_dir))
+    states = sum(n * _quant_state_bytes(x, "nf4", True) for x, n in layer_groups(tiny))
+    whole = weight_bytes(tiny, quantization="nf4", double_quant=True, backend="zero3", protected_bytes=0)
+    for rep in reports:
+        assert rep["quant_state_bytes"] == states
+        assert rep["base_param_bytes"] == whole - states
+        # ceil per parameter: at most one 2-byte element of padding each.
+        assert 0 <= rep["base_shard_bytes"] - (whole - states) / 2 <= 2 * rep["base_params"]
 
 
 # -- ZeRO-3 through RayQuantTrainer: 2 Ray Train workers on CPU, the hf backend, NF4 --------------
@@ -293,3 +321,107 @@ def test_zero3_adapter_loads_with_peft_and_changes_outputs(zero3_run):
         before = base(ids).logits
         after = PeftModel.from_pretrained(base, str(result.adapter_dir))(ids).logits
     assert (after - before).abs().max().item() > 1e-3
+
+
+# -- QLoRA + ZeRO-3 chosen by the planner, trained through RayQuantTrainer on 2 CPU workers ---------
+# Two 1-CPU "nodes" whose device memory holds the tiny model neither whole nor as 16-bit shards: the
+# search must pick ZeRO-3 with a 4-bit base packed into bf16 storage. The memory is the smallest (in
+# 8 KiB steps) where it does, so the test follows the memory model rather than a hard-coded size.
+PLANNED_STEPS = 6
+
+
+def _planned_zero3(tiny_llama_dir) -> TrainingPlan:
+    from planner.hardware import node_types_from_dicts
+    from planner.model import load_model_spec
+    from planner.search import make_plan
+
+    tiny = load_model_spec(str(tiny_llama_dir))
+    job = JobSpec(seq_len=128, global_batch_size=4, lora_rank=8, lora_alpha=16, backend="hf")
+    for kib in range(256, 8192, 8):
+        inventory = node_types_from_dicts([{"gpu": "CPU", "gpus_per_node": 1, "count": 2,
+                                            "host_memory_gib": kib / 2**20}])
+        try:
+            plan = make_plan(tiny, inventory, job)
+        except PlanError:
+            continue
+        p = plan.node_plans[0]
+        if p.placement == "zero3" and p.quantization in ("nf4", "dynamic-4bit"):
+            return plan
+        if p.placement == "per-gpu":
+            break  # more memory only holds the model whole
+    pytest.fail("no device memory makes the planner choose 4-bit ZeRO-3 for the tiny model")
+
+
+def test_planner_picks_4bit_zero3_when_16bit_shards_do_not_fit(tiny_llama_dir):
+    from planner.memory import estimate_memory
+
+    plan = _planned_zero3(tiny_llama_dir)
+    p = plan.node_plans[0]
+    assert (p.placement, p.backend, p.quantization, p.compute_dtype) == ("zero3", "hf", "dynamic-4bit",
+                                                                        "bfloat16")
+    assert "so ZeRO-3 shards them (QLoRA + ZeRO-3)" in p.reasons["quantization"]
+    assert "(does not fit: " in p.reasons["quantization"]  # the 16-bit scheme, sharded too
+    assert zero3_problems(plan) == []
+    assert bnb_config_kwargs(p)["bnb_4bit_quant_storage"] == "bfloat16"
+    # Why: the 16-bit shards of the same configuration exceed the budget, the 4-bit ones do not.
+    from planner.hardware import cpu_device
+
+    kw = dict(backend="hf", seq_len=128, micro_batch_size=p.micro_batch_size, lora_rank=8,
+              gradient_checkpointing=p.gradient_checkpointing, optimizer=p.optimizer, num_shards=2)
+    from planner.model import load_model_spec
+
+    tiny, device = load_model_spec(str(tiny_llama_dir)), cpu_device(2**20)  # only its cc/speed matter
+    assert estimate_memory(tiny, device, quantization="fp16", **kw).peak_bytes > p.memory_budget_bytes
+    assert estimate_memory(tiny, device, quantization="nf4", **kw).peak_bytes <= p.memory_budget_bytes
+
+
+@pytest.fixture(scope="module")
+def planned_zero3_run(tiny_llama_dir, tmp_path_factory):
+    import ray
+
+    from rayquant.trainer import RayQuantTrainer
+
+    root = tmp_path_factory.mktemp("zero3-planned")
+    saved = os.environ.get("RAYQUANT_CACHE")
+    os.environ["RAYQUANT_CACHE"] = str(root / "cache")
+    try:
+        plan = _planned_zero3(tiny_llama_dir)
+        result = RayQuantTrainer(
+            model="rayquant/tiny-llama", dataset="examples/data/tiny_alpaca.jsonl", plan=plan,
+            sft={"max_steps": PLANNED_STEPS, "learning_rate": 1e-2, "logging_steps": 1, "seed": 0,
+                 "backend": "hf"},
+            run={"name": "zero3-planned", "storage_path": str(root / "runs"), "checkpoint_every_steps": 100,
+                 "max_failures": 0}).fit()
+    finally:
+        if saved is None:
+            os.environ.pop("RAYQUANT_CACHE", None)
+        else:
+            os.environ["RAYQUANT_CACHE"] = saved
+    yield plan, result
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_planned_qlora_zero3_trains_and_both_ranks_hold_the_same_adapter(planned_zero3_run):
+    from safetensors.torch import load_file
+
+    from rayquant.adapters import adapter_sha256
+
+    plan, result = planned_zero3_run
+    workers = result.manifest["workers"]
+    assert [w["placement"] for w in workers] == ["zero3", "zero3"]
+    assert [w["engine"] for w in workers] == ["DeepSpeedEngine"] * 2
+    assert [w["steps"] for w in workers] == [PLANNED_STEPS] * 2
+    # The 4-bit base really was 4-bit on both ranks, before and after training.
+    for w in workers:
+        q = w["quantization"]
+        assert q["planned"] == q["used"] == "dynamic-4bit" and q["modules_after_training"]["linear4bit"] > 0
+        # Loaded whole into host RAM, then partitioned before LoRA and the engine: half each.
+        assert 0 <= q["zero3_shard_bytes"] - q["zero3_base_bytes"] / 2 <= 64
+    loss = result.manifest["loss"]
+    assert loss["last_fifth_mean"] < loss["first_fifth_mean"], loss
+    # Every rank gathered the ZeRO-3 shards of the adapter: one hash, that of the adapter written.
+    assert {w["adapter_sha256"] for w in workers} == {adapter_sha256(result.adapter_dir)}
+    adapter = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert b and all(t.shape[1] == 8 for t in b) and any(t.abs().sum() > 0 for t in b)

@@ -32,7 +32,8 @@ def _mlp_width(model: ModelSpec) -> int:
 
 
 def activation_bytes_per_token(model: ModelSpec, backend: str, full_finetune: bool,
-                               quantization: str = "bf16", targets: Sequence[str] = ()) -> int:
+                               quantization: str = "bf16", targets: Sequence[str] = (),
+                               kbit_upcast: bool = False) -> int:
     """Bytes one decoder layer keeps per token for its backward, without recomputation.
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", sec. 4.1)
@@ -72,13 +73,42 @@ def activation_bytes_per_token(model: ModelSpec, backend: str, full_finetune: bo
         per_token += 2 * SIXTEEN_BIT_BYTES * h
     else:
         per_token += 2 * 4 * h
+    if kbit_upcast:
+        per_token += kbit_fp32_extra_bytes_per_token(model)
     return per_token
+
+
+def kbit_fp32_extra_bytes_per_token(model: ModelSpec) -> int:
+    """What the hf backend's fp32 norms add per token and layer on a 4-bit base.
+
+    peft prepare_model_for_kbit_training upcasts the norms' weights to fp32, so each norm's output
+    (`self.weight * hidden_states.to(input_dtype)`, LlamaRMSNorm) is fp32: 2 norms x h x 2 B more than
+    16-bit. bitsandbytes' Linear4bit.forward casts its input to the compute dtype and its output
+    back to the input's dtype (`out.to(inp_dtype)`), so the projections fed by a norm (q, k, v; gate,
+    up) also come out fp32: (q + 2kv + 2I) x 2 B more, kept for the attention and the MLP backward.
+    """
+    q = model.num_attention_heads * model.head_dim
+    kv = model.num_key_value_heads * model.head_dim
+    gate_up = 2 * _mlp_width(model) if model.gated_mlp else _mlp_width(model)
+    return (4 - SIXTEEN_BIT_BYTES) * (2 * model.hidden_size + q + 2 * kv + gate_up)
 
 
 def backward_working_bytes_per_token(model: ModelSpec) -> int:
     """Transient gradients while one layer runs its backward: the residual-stream gradient (h)
     and the MLP's gate/up output gradients (2I), 16-bit. Freed layer by layer."""
     return SIXTEEN_BIT_BYTES * (model.hidden_size + 2 * _mlp_width(model))
+
+
+def unsloth_dequant_scratch_bytes(model: ModelSpec, quantization: str, backend: str) -> int:
+    """Unsloth's persistent dequantization scratch: its `matmul_lora` (kernels/utils.py,
+    `use_global_buffer = True` by default) dequantizes each 4-bit weight into one buffer kept per
+    device (`_scratch("weight", ...)`, grown to the largest weight and never freed), so a 16-bit
+    copy of the largest 4-bit linear stays allocated from the first forward on, beside the
+    backward's own transient (`fast_dequantize` of up/gate in LoRA_MLP.backward). Without double
+    quantization bitsandbytes dequantizes into a fresh tensor instead; counted anyway (safe side)."""
+    if backend != "unsloth" or quantization not in ("nf4", "dynamic-4bit"):
+        return 0
+    return SIXTEEN_BIT_BYTES * max(x.in_features * x.out_features for x in model.linear_layers())
 
 
 def dequant_transient_bytes(model: ModelSpec, quantization: str) -> int:
@@ -89,6 +119,39 @@ def dequant_transient_bytes(model: ModelSpec, quantization: str) -> int:
     if quantization not in ("nf4", "dynamic-4bit", "fp8"):
         return 0
     return SIXTEEN_BIT_BYTES * max(x.in_features * x.out_features for x in model.linear_layers())
+
+
+# Unsloth's offloaded checkpointing, unsloth_zoo/gradient_checkpointing.py (the installed version):
+# `UnslothCheckpointFunction.forward` copies a checkpointed layer's first input (the residual stream,
+# b x s x h, 16-bit) to a pinned host slot when it is over MINIMUM_SIZE = 2 MiB (`new_size >
+# MINIMUM_SIZE`) and keeps no GPU reference to it (`tensor_inputs.append(None)`); from the second
+# step on the last layer (`LAST_GC_INDEX`) is not offloaded and stays on the GPU. The backward reloads
+# each input into a GPU staging buffer (`GPU_BUFFERS`, resized to the input) and, with double
+# buffering (on after the first step when more than DOUBLE_BUFFER_HEADROOM = 512 MiB is free), a
+# second one (`GPU_BUFFERS_B`), and recomputes the layer with the staging buffer as its input.
+UNSLOTH_OFFLOAD_MIN_BYTES = 2 * 1024 * 1024
+UNSLOTH_GPU_STAGING_BUFFERS = 2
+# Host side: INITIAL_CPU_BUFFER_COUNT = 200 pinned slots of INITIAL_CPU_BUFFER_SIZE = 128 Ki
+# 16-bit elements are made up front; a slot that holds a bigger input is regrown (`_grow_host_buffer`,
+# a new pinned block; the old one stays in torch's pinned cache). torch's CachingHostAllocator rounds
+# each pinned block up to a power of two (`_pinned_block_bytes`). One slot per offloaded layer (slots
+# are leased from a checkpoint's forward until its backward).
+UNSLOTH_INITIAL_HOST_SLOTS = 200
+UNSLOTH_INITIAL_HOST_SLOT_BYTES = 128 * 1024 * SIXTEEN_BIT_BYTES
+
+
+def _pinned_block_bytes(nbytes: int) -> int:
+    """torch's pinned host allocator block for `nbytes`: the next power of two."""
+    return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
+
+
+def unsloth_offload_host_bytes(layer_input: int, num_layers: int) -> int:
+    """Host RAM Unsloth's offloaded checkpointing pins: the 200 initial slots, plus for each layer
+    whose input is offloaded (all of them in the first step) a power-of-two block of its size."""
+    initial = UNSLOTH_INITIAL_HOST_SLOTS * UNSLOTH_INITIAL_HOST_SLOT_BYTES
+    if layer_input <= UNSLOTH_OFFLOAD_MIN_BYTES:
+        return initial
+    return initial + num_layers * _pinned_block_bytes(layer_input)
 
 
 @dataclass(frozen=True)
@@ -108,10 +171,16 @@ class Activations:
 
 
 def activations(model: ModelSpec, *, quantization: str, backend: str, full_finetune: bool,
-                targets: Sequence[str], gradient_checkpointing: str, tokens: int) -> Activations:
-    """What `tokens` (b x s) tokens cost the decoder under `gradient_checkpointing`."""
-    per_layer_act = tokens * activation_bytes_per_token(model, backend, full_finetune, quantization, targets)
-    layer_input = tokens * SIXTEEN_BIT_BYTES * model.hidden_size  # the residual stream entering a layer
+                targets: Sequence[str], gradient_checkpointing: str, tokens: int,
+                kbit_upcast: bool = False) -> Activations:
+    """What `tokens` (b x s) tokens cost the decoder under `gradient_checkpointing`; `kbit_upcast`:
+    the fp32 norms, embedding and projections of prepare_model_for_kbit_training (hf + 4-bit)."""
+    per_layer_act = tokens * activation_bytes_per_token(model, backend, full_finetune, quantization, targets,
+                                                        kbit_upcast)
+    # The residual stream entering a layer: 16-bit, except with the hf backend on a 4-bit base, where
+    # prepare_model_for_kbit_training upcasts the input embedding to fp32, so the embedding output and
+    # every residual sum after it are fp32 (4 B x h per token).
+    layer_input = tokens * (4 if kbit_upcast else SIXTEEN_BIT_BYTES) * model.hidden_size
     working = tokens * backward_working_bytes_per_token(model)
     offloaded = 0
     if gradient_checkpointing == "none":
@@ -121,18 +190,24 @@ def activations(model: ModelSpec, *, quantization: str, backend: str, full_finet
         # input stays on the GPU; the backward recomputes one layer's activations at a time.
         kept_per_layer, recompute = layer_input, per_layer_act + working
     elif gradient_checkpointing == "unsloth":
-        # Unsloth's offloaded checkpointing (unsloth_zoo/gradient_checkpointing.py,
-        # UnslothCheckpointFunction) copies each layer input over 2 MiB to pinned host RAM
-        # (counted in host_bytes) and reloads it for the recompute. The 2026-11-27 H200 run measured
-        # those inputs' bytes still allocated on the GPU at the loss nonetheless: Qwen2.5-0.5B
-        # (24 x 2048 x 896) and Llama-3.2-1B (16 x 2048 x 2048) differ by 46 MB in layer inputs and
-        # by -48 MB in the CE buffer, and their measured transients agree to 0.6 MB (docs/planner.md).
-        # So the GPU keeps them too until this is understood; the host copy is counted as well.
-        kept_per_layer, recompute = layer_input, per_layer_act + working
-        offloaded = model.num_layers * layer_input
+        # Unsloth's offloaded checkpointing (see UNSLOTH_OFFLOAD_MIN_BYTES): inputs over 2 MiB go to
+        # pinned host RAM; the GPU keeps the last layer's input and the staging buffers the backward
+        # reloads into (the recompute reads its input from them, so nothing more for it). Smaller
+        # inputs stay on the GPU like torch's checkpointing.
+        recompute = per_layer_act + working
+        offloaded = unsloth_offload_host_bytes(layer_input, model.num_layers)
+        if layer_input > UNSLOTH_OFFLOAD_MIN_BYTES:
+            kept_per_layer = 0
+            final = (layer_input + (1 + UNSLOTH_GPU_STAGING_BUFFERS) * layer_input
+                     + unsloth_dequant_scratch_bytes(model, quantization, backend))
+            return Activations(kept_per_layer=0, num_layers=model.num_layers, final=final,
+                               backward_phase=recompute + dequant_transient_bytes(model, quantization),
+                               offloaded=offloaded)
+        kept_per_layer = layer_input
     else:
         raise PlanError(f"{{gradient_checkpointing}} {gradient_checkpointing!r} is not one of "
                         f"{', '.join(CHECKPOINTING)}")
-    return Activations(kept_per_layer=kept_per_layer, num_layers=model.num_layers, final=2 * layer_input,
+    return Activations(kept_per_layer=kept_per_layer, num_layers=model.num_layers,
+                       final=2 * layer_input + unsloth_dequant_scratch_bytes(model, quantization, backend),
                        backward_phase=recompute + dequant_transient_bytes(model, quantization),
                        offloaded=offloaded)

@@ -31,6 +31,11 @@ UNSLOTH_CE_FLASH_MIN_ROWS = 4096
 # log-probabilities (4 B) for the backward, and the backward holds the fp32 incoming gradient (4 B)
 # and the fp32 input gradient (4 B) at once: 14 bytes per logit at the peak.
 HF_LOGIT_BYTES = 2 + 4 + 4 + 4
+# With a 4-bit base the hf backend runs peft's prepare_model_for_kbit_training, which upcasts lm_head
+# and the final norm to fp32: lm_head then writes fp32 logits (4 B; `logits.float()` is a no-op),
+# log_softmax keeps its fp32 output (4 B), and the backward holds the fp32 incoming gradient and the
+# fp32 input gradient (4 + 4 B): 16 bytes per logit at the peak.
+HF_KBIT_LOGIT_BYTES = 4 + 4 + 4 + 4
 
 
 def _power_of_two_at_most(x: float) -> int:
@@ -70,7 +75,7 @@ def unsloth_ce_bytes(model: ModelSpec, gpu: GpuSpec, tokens: int, labelled: int)
 
 
 def logit_bytes(model: ModelSpec, gpu: GpuSpec, *, backend: str, micro_batch_size: int, seq_len: int,
-                full_finetune: bool) -> int:
+                full_finetune: bool, kbit_upcast: bool = False) -> int:
     """The `logits` term: Unsloth's fused CE (plus, for a trainable head, its gradient accumulated
     over the chunks, `acc_w` in the head's dtype), or transformers' whole fp32 loss (HF_LOGIT_BYTES
     per logit)."""
@@ -78,4 +83,5 @@ def logit_bytes(model: ModelSpec, gpu: GpuSpec, *, backend: str, micro_batch_siz
     if backend == "unsloth":
         head_grad = SIXTEEN_BIT_BYTES * model.vocab_size * model.hidden_size if full_finetune else 0
         return unsloth_ce_bytes(model, gpu, tokens, tokens - micro_batch_size) + head_grad
-    return HF_LOGIT_BYTES * tokens * model.vocab_size
+    per_logit = HF_KBIT_LOGIT_BYTES if kbit_upcast else HF_LOGIT_BYTES
+    return per_logit * tokens * model.vocab_size

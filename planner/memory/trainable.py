@@ -7,11 +7,13 @@ parameter's dtype; bitsandbytes 8-bit: planner.tensor_bytes.adamw_8bit_state_byt
 
 from __future__ import annotations
 
+from collections import Counter
+
 from typing import Sequence
 
 from planner.memory.weights import layer_groups
 from planner.architecture import LinearShape, ModelSpec
-from planner.tensor_bytes import BNB_QMAP_BYTES, SIXTEEN_BIT_BYTES, adamw_8bit_state_bytes
+from planner.tensor_bytes import BNB_QMAP_BYTES, SIXTEEN_BIT_BYTES, adamw_8bit_state_bytes, adamw_8bit_state_parts
 
 # PEFT creates lora_A/lora_B as nn.Linear (fp32 by default), moves them to the base weight's dtype
 # when it is a float (LoraLayer._move_adapter_to_device_of_base_layer), then `cast_adapter_dtype`
@@ -35,28 +37,36 @@ def layer_lora_tensors(linears: Sequence[LinearShape], targets: Sequence[str], r
     return [n for x in linears if x.name in targets for n in lora_tensors(x, rank)]
 
 
+def layer_trainable_tensors(model: ModelSpec, linears: Sequence[LinearShape], *, targets: Sequence[str],
+                            lora_rank: int, full_finetune: bool) -> list[int]:
+    """Element counts of one decoder layer's trainable tensors: its LoRA adapters, or under full
+    fine-tuning every linear's weight and bias, the norms, q/k norms and attention sinks."""
+    if not full_finetune:
+        return layer_lora_tensors(linears, targets, lora_rank)
+    out: list[int] = []
+    for x in linears:
+        out += [x.in_features * x.out_features] * x.count
+        if x.bias:
+            out += [x.out_features] * x.count
+    out += [model.hidden_size] * model.norms_per_layer
+    out += [model.head_dim] * (2 if model.qk_norm else 0)
+    if model.attention_sinks:
+        out += [model.num_attention_heads]
+    return out
+
+
 def trainable_tensors(model: ModelSpec, *, targets: Sequence[str], lora_rank: int,
                       full_finetune: bool) -> list[int]:
     """Element counts of every trainable tensor (the 8-bit optimizer treats small tensors apart).
 
-    LoRA: the adapters of the targeted linears. Full fine-tuning: every linear's weight and bias,
-    the norms, q/k norms and attention sinks of each layer, the embedding, the final norm and an
-    untied lm_head.
+    LoRA: the adapters of the targeted linears. Full fine-tuning: every layer's tensors
+    (layer_trainable_tensors), the embedding, the final norm and an untied lm_head.
     """
     h = model.hidden_size
     out: list[int] = []
     for linears, n_layers in layer_groups(model):
-        if not full_finetune:
-            out += layer_lora_tensors(linears, targets, lora_rank) * n_layers
-            continue
-        for x in linears:
-            out += [x.in_features * x.out_features] * (x.count * n_layers)
-            if x.bias:
-                out += [x.out_features] * (x.count * n_layers)
-        out += [h] * (model.norms_per_layer * n_layers)
-        out += [model.head_dim] * ((2 if model.qk_norm else 0) * n_layers)
-        if model.attention_sinks:
-            out += [model.num_attention_heads] * n_layers
+        out += layer_trainable_tensors(model, linears, targets=targets, lora_rank=lora_rank,
+                                       full_finetune=full_finetune) * n_layers
     if full_finetune:
         out += [model.vocab_size * h, h] + ([] if model.tie_word_embeddings else [model.vocab_size * h])
     return out
@@ -88,19 +98,22 @@ def optimizer_bytes(tensors: Sequence[int], optimizer: str, full_finetune: bool)
     if optimizer == "adamw_torch":
         return 2 * param_bytes(full_finetune) * sum(tensors), 0
     gpu, host = BNB_QMAP_BYTES, 0
-    for n in tensors:
-        states = adamw_8bit_state_bytes(n)
+    for n, count in Counter(tensors).items():  # a model repeats a few shapes many times
+        states, absmax = adamw_8bit_state_parts(n)
         if optimizer == "paged_adamw_8bit" and n >= BNB_PAGED_MIN_NUMEL:
-            host += states
+            host += count * states  # state1/state2 paged; the absmax vectors stay on the device
+            gpu += count * absmax
         else:
-            gpu += states
+            gpu += count * (states + absmax)
     return gpu, host
 
 
-def state_bytes_per_param(full_finetune: bool, optimizer: str) -> int:
-    """Bytes each trainable parameter brings with it (its gradient, its optimizer states, and for
-    LoRA the adapter weight): the per-module share the layer map places with its module."""
-    if full_finetune:
-        p = param_bytes(True)
-        return p + (2 * p if optimizer == "adamw_torch" else 2)
-    return 2 * _ADAPTER_BYTES + (8 if optimizer == "adamw_torch" else 2)
+def state_bytes(tensors: Sequence[int], full_finetune: bool, optimizer: str) -> int:
+    """Bytes the trainable tensors of one module bring with them on the device (their gradients,
+    optimizer states, and for LoRA the adapter weights): the per-module share the layer map places
+    with its module. Exact per tensor, as optimizer_bytes counts them (the shared qmaps aside)."""
+    p = param_bytes(full_finetune)
+    own = (0 if full_finetune else p) + p  # LoRA: the adapter and its gradient; full: the gradient
+    gpu, _ = optimizer_bytes(tensors, optimizer, full_finetune)
+    qmaps = 0 if optimizer == "adamw_torch" else BNB_QMAP_BYTES
+    return own * sum(tensors) + gpu - qmaps

@@ -8,6 +8,7 @@ the FP8 paths only convert the projection linears).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from planner.architecture import LinearShape, ModelSpec
@@ -89,20 +90,92 @@ def _sixteen_bit_beside_quantized(model: ModelSpec, quantization: str, double_qu
     return total
 
 
+def kbit_prepared(backend: str, quantization: str) -> bool:
+    """Whether the worker runs peft's prepare_model_for_kbit_training (the hf backend on a 4-bit
+    base), which upcasts every 16-bit parameter beside the 4-bit ones to fp32."""
+    return backend == "hf" and quantization in FOUR_BIT
+
+
 def weight_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, backend: str,
-                 protected_bytes: int) -> int:
+                 protected_bytes: int, kbit_upcast: bool | None = None) -> int:
     """The `weights` term of one unsharded worker.
 
     Decoder layers by scheme, 16-bit embedding, lm_head and final norm; dynamic 4-bit adds the
-    `protected_bytes` it spends keeping sensitive modules 16-bit. With the hf backend a 4-bit base
-    goes through prepare_model_for_kbit_training, which upcasts every 16-bit parameter to fp32
+    `protected_bytes` it spends keeping sensitive modules unquantized (planner.memory.protected,
+    already priced for the backend). With the hf backend a 4-bit base goes through
+    prepare_model_for_kbit_training, which upcasts every other 16-bit parameter to fp32
     (KBIT_UPCAST_BYTES).
     """
     protected = protected_bytes if quantization == "dynamic-4bit" else 0
     edges = embedding_bytes(model) + head_bytes(model)
     weights = edges + protected + sum(n * layer_weight_bytes(model, linears, quantization, double_quant)
                                       for linears, n in layer_groups(model))
-    if backend == "hf" and quantization in FOUR_BIT:
-        upcast = _sixteen_bit_beside_quantized(model, quantization, double_quant) + edges + protected
+    if kbit_prepared(backend, quantization) if kbit_upcast is None else kbit_upcast:
+        upcast = _sixteen_bit_beside_quantized(model, quantization, double_quant) + edges
         weights += upcast * (KBIT_UPCAST_BYTES - SIXTEEN_BIT_BYTES) // SIXTEEN_BIT_BYTES
     return weights
+
+
+# transformers fills DeepSpeed's "auto" stage3_prefetch_bucket_size with 0.9 x hidden_size^2
+# elements (transformers/integrations/deepspeed.py, HfTrainerDeepSpeedConfig.trainer_config_finalize).
+ZERO3_PREFETCH_BUCKET_PER_H2 = 0.9
+# DeepSpeed keeps a module's parameters gathered after it runs when they are used again within the
+# next stage3_max_reuse_distance elements of the module trace (default 1e9, deepspeed/runtime/zero/
+# config.py; partitioned_param_coordinator.py __params_to_release). rayquant.zero leaves it default.
+ZERO3_MAX_REUSE_DISTANCE = 10**9
+
+
+def _quant_state_bytes(linears: Sequence[LinearShape], quantization: str, double_quant: bool) -> int:
+    """Bytes of the QuantStates of one layer's NF4 linears (absmax statistics and code books): all
+    of nf4_tensor_bytes but the packed codes. 0 for the other schemes."""
+    total = 0
+    for x in linears:
+        if linear_scheme(x, quantization) in FOUR_BIT:
+            numel = x.in_features * x.out_features
+            total += x.count * (nf4_tensor_bytes(numel, double_quant) - math.ceil(numel / 2))
+    return total
+
+
+def zero3_weight_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, protected_bytes: int,
+                       num_shards: int) -> int:
+    """The `weights` term of one of `num_shards` ZeRO-3 ranks (the hf backend).
+
+    ZeRO-3 partitions every parameter over the ranks and all-gathers a module's parameters whole
+    just before it runs (deepspeed/runtime/zero/partition_parameters.py). A 4-bit base is loaded with
+    bnb_4bit_quant_storage = the compute dtype (rayquant.zero.bnb_config_kwargs), so its packed NF4
+    codes are a 16-bit Params4bit that ZeRO shards like any other weight; each QuantState (absmax,
+    code books) is an attribute of the parameter, not a parameter, and every rank keeps it whole.
+    No fp32 upcast (KBIT_UPCAST_BYTES): rayquant.loading skips prepare_model_for_kbit_training under
+    ZeRO-3. Per rank: the parameters / num_shards, the quant states, the largest module gathered
+    whole (embedding, lm_head or a decoder layer, as stored: the 16-bit copy bitsandbytes dequantizes
+    one weight at a time is the activations term's dequant_transient_bytes), and the next module's
+    parameters prefetched (at most the prefetch bucket). Where the forward turns into the backward,
+    the lm_head is gathered together with the last decoder layers whose reuse (their backward, after
+    the head and the layers between them, twice) lies within ZERO3_MAX_REUSE_DISTANCE elements.
+    """
+    # backend "zero3" is not "hf" to weight_bytes: the whole base without the kbit upcast.
+    whole = weight_bytes(model, quantization=quantization, double_quant=double_quant, backend="zero3",
+                         protected_bytes=protected_bytes)
+    states = sum(n * _quant_state_bytes(linears, quantization, double_quant)
+                 for linears, n in layer_groups(model))
+    layers = [layer_weight_bytes(model, linears, quantization, double_quant)
+              - _quant_state_bytes(linears, quantization, double_quant) for linears, _ in layer_groups(model)]
+    head, layer = head_bytes(model), max(layers)
+    largest = max(layer, embedding_bytes(model), head)
+    # Elements are of the 16-bit storage (packed 4-bit codes included): bytes / 2.
+    window = ZERO3_MAX_REUSE_DISTANCE - head // SIXTEEN_BIT_BYTES
+    kept = 0 if window <= 0 else min(model.num_layers,
+                                     (window - 1) // (2 * layer // SIXTEEN_BIT_BYTES) + 1)
+    bucket = int(ZERO3_PREFETCH_BUCKET_PER_H2 * model.hidden_size ** 2) * SIXTEEN_BIT_BYTES
+    return (math.ceil((whole - states) / num_shards) + states + max(largest, head + kept * layer)
+            + min(bucket, layer))
+
+
+def zero3_load_host_bytes(model: ModelSpec, *, quantization: str, double_quant: bool, protected_bytes: int) -> int:
+    """Host RAM a ZeRO-3 rank holds while it loads a 4-bit base: all of it, quantized on the CPU,
+    before it is partitioned (rayquant.zero.partition_quantized_model; transformers builds quantized
+    models without zero.Init). 0 for 16-bit bases, which load under zero.Init shard by shard."""
+    if quantization not in FOUR_BIT:
+        return 0
+    return weight_bytes(model, quantization=quantization, double_quant=double_quant, backend="zero3",
+                        protected_bytes=protected_bytes)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from planner.architecture import ModelSpec
 from planner.calibration import Calibration
 from planner.hardware import NodeType, fp8_path_for
+from planner.memory.protected import planned_protection
 from planner.model import load_model_spec
 from planner.plan import JobSpec, NodePlan, PlanError, TrainingPlan, WorkerAssignment
 from planner.search.batching import distribute, divisors, pacing_warnings
 from planner.search.candidates import TypeSearch, best_candidate, search_type
-from planner.search.policy import MAX_MICRO_BATCH
+from planner.search.policy import MAX_MICRO_BATCH, better, compute_dtype
 from planner.search.reasons import reasons, shortfall
 
 # No calibration file: every factor is 1.0 (Calibration's rule where it has no measurement).
@@ -23,27 +25,60 @@ def _node_plan(spec: ModelSpec, ts: TypeSearch, job: JobSpec, samples: int,
     """The settings of one node type for its `samples` per optimizer step."""
     nt = ts.node_type
     micro = divisors(samples, MAX_MICRO_BATCH) if job.micro_batch_size is None else (job.micro_batch_size,)
-    cfg = best_candidate(spec, nt, job, ts.budget, ts.quantizations, ts.placement, micro, calibration)
+    # Each quantization's best at these micro-batches (the reason names them all), then the best.
+    options = {q: best_candidate(spec, nt, job, ts.budget, (q,), ts.placement, micro, calibration)
+               for q in ts.quantizations}
+    cfg = None
+    for c in options.values():
+        if better(c, cfg, job):
+            cfg = c
     if cfg is None:  # the largest divisor exceeded what fits; the share search used a fitting size
         cfg = ts.best
         samples = cfg.micro_batch * max(1, round(samples / cfg.micro_batch))
     accum = samples // cfg.micro_batch
+    # Dynamic 4-bit may spend what the plan leaves free keeping sensitive modules unquantized: the
+    # peak and the weights include what the shared rule buys (planner.memory.protected), and the
+    # budget, margin included, still holds.
+    spare = max(0, ts.budget - cfg.peak_bytes) if cfg.quantization == "dynamic-4bit" else 0
+    protected = planned_protection(spec, spare, double_quant=job.double_quant,
+                                   backend=cfg.backend).cost_bytes if spare else 0
+    breakdown = cfg.estimate.breakdown
+    if protected:
+        breakdown = dataclasses.replace(breakdown, weights=breakdown.weights + protected)
     return NodePlan(
         node_type=nt.key, gpu=nt.gpu.name, nodes=nt.count, gpus_per_node=nt.gpus_per_node,
         quantization=cfg.quantization,
-        compute_dtype="bfloat16" if nt.gpu.supports_bf16 or nt.gpu.is_cpu else "float16",
+        compute_dtype=compute_dtype(nt.gpu),
         micro_batch_size=cfg.micro_batch, gradient_accumulation_steps=accum,
         optimizer=cfg.optimizer, gradient_checkpointing=cfg.checkpointing,
         placement=cfg.placement, backend=cfg.backend, workers_per_node=ts.workers_per_node,
         gpus_per_worker=nt.gpus_per_node if cfg.placement == "node-spanning" else 1,
-        peak_memory_bytes=cfg.peak_bytes, memory_budget_bytes=ts.budget,
-        breakdown=cfg.estimate.breakdown, tokens_per_second=cfg.tokens_per_s,
-        reasons=reasons(ts, cfg, job, accum, samples), double_quant=job.double_quant,
+        peak_memory_bytes=cfg.peak_bytes + protected, memory_budget_bytes=ts.budget,
+        breakdown=breakdown, tokens_per_second=cfg.tokens_per_s,
+        reasons=reasons(ts, cfg, job, accum, samples, options, spec), double_quant=job.double_quant,
         fp8_path=fp8_path_for(nt.gpu.compute_capability) if cfg.quantization == "fp8" else None,
-        # Dynamic 4-bit may spend what the plan leaves free keeping sensitive modules 16-bit.
-        protected_budget_bytes=(max(0, ts.budget - cfg.peak_bytes) if cfg.quantization == "dynamic-4bit"
-                                else 0),
+        protected_budget_bytes=spare,
         device_map=cfg.device_map, host_memory_bytes=cfg.estimate.host_bytes)
+
+
+def check_host_ram(nt: NodeType, node_plan: NodePlan) -> None:
+    """Refuse a plan whose workers need more host RAM than a node has: the layer inputs Unsloth's
+    offloaded checkpointing pins (planner.memory.activations.unsloth_offload_host_bytes) and paged
+    optimizer states, per worker, times the workers on a node. Unknown node RAM (0) is not checked;
+    the CPU pseudo-device's memory is host RAM and is budgeted as its device memory already."""
+    if nt.gpu.is_cpu or not nt.host_memory_bytes or not node_plan.host_memory_bytes:
+        return
+    need = node_plan.workers_per_node * node_plan.host_memory_bytes
+    if need <= nt.host_memory_bytes:
+        return
+    gib = 1024**3
+    raise PlanError(
+        f"{nt.key}: {node_plan.workers_per_node} worker(s) x {node_plan.host_memory_bytes / gib:.1f} GiB of "
+        f"host RAM (layer inputs offloaded by {{gradient_checkpointing}} {node_plan.gradient_checkpointing}"
+        f", paged optimizer states) = {need / gib:.1f} GiB, more than the node's "
+        f"{nt.host_memory_bytes / gib:.1f} GiB: the plan fits the GPUs but not the host. To fix: set "
+        f"{{gradient_checkpointing}} hf or {{backend}} hf (layer inputs stay on the GPU), lower "
+        f"{{seq_len}} or {{micro_batch_size}}, or use nodes with more RAM.")
 
 
 def _workers(node_plans: Sequence[NodePlan]) -> tuple[WorkerAssignment, ...]:
@@ -79,6 +114,8 @@ def make_plan(model: ModelSpec | str, node_types: Sequence[NodeType], job: JobSp
     samples, batch_warnings = distribute(job, usable)
     warnings += batch_warnings + pacing_warnings(job, usable, samples)
     node_plans = tuple(_node_plan(spec, ts, job, n, calibration) for ts, n in zip(usable, samples))
+    for ts, node_plan in zip(usable, node_plans):
+        check_host_ram(ts.node_type, node_plan)
     summary = dict(spec.summary())
     if not job.full_finetune:
         summary["lora_params"] = spec.lora_params(job.lora_rank, job.lora_targets)

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from planner.plan import JobSpec
 from planner.search.candidates import TypeSearch
+from planner.search.policy import better
 
 # A global batch other than the one asked for is used only when it makes the step this much faster.
 EXACT_BATCH_SLOWDOWN = 1.25
@@ -20,20 +21,26 @@ MAX_BATCH_OVERSHOOT = 0.125  # ... and is at most this much larger (unless no ex
 PACING_WARNING = 1.5
 
 
-def totals(coins: Sequence[int], counts: Sequence[int], cap: int) -> list[int]:
-    """Bitsets of the global batches reachable by the first j types (j = 0..N), each type i taking
-    between 1 and counts[i] grains per worker (coins[i] sequences per grain over all its workers).
-    Bounded knapsack with binary splitting of the counts, on Python ints as bitsets."""
+def worker_rate(t: TypeSearch, n: int, job: JobSpec) -> float | None:
+    """Tokens/s of one worker of type `t` taking `n` samples per step: that of the best
+    configuration (policy.better) at the micro-batches the search tried that divide `n` (None when
+    none does: a pinned micro-batch that does not)."""
+    best = None
+    for m, c in t.by_micro.items():
+        if n % m == 0 and better(c, best, job):
+            best = c
+    return None if best is None else best.tokens_per_s
+
+
+def totals(sizes: Sequence[int], allowed: Sequence[Sequence[int]], cap: int) -> list[int]:
+    """Bitsets of the global batches reachable by the first j types (j = 0..N), each worker of type i
+    taking a count from allowed[i] (sizes[i] workers of that type). Python ints as bitsets."""
     mask = (1 << (cap + 1)) - 1
     stages = [1]
-    for coin, count in zip(coins, counts):
-        bits = (stages[-1] << coin) & mask  # every worker takes at least one grain
-        left, chunk = count - 1, 1
-        while left > 0:
-            take = min(chunk, left)
-            bits |= (bits << (coin * take)) & mask
-            left -= take
-            chunk *= 2
+    for size, counts in zip(sizes, allowed):
+        prev, bits = stages[-1], 0
+        for n in counts:
+            bits |= (prev << (size * n)) & mask
         stages.append(bits)
     return stages
 
@@ -42,53 +49,55 @@ def distribute(job: JobSpec, types: Sequence[TypeSearch]) -> tuple[list[int], li
     """Samples per optimizer step for one worker of each type.
 
     The split minimises the step time (the slowest worker paces every synchronous step), so shares
-    follow each worker's predicted speed. It meets the global batch exactly where the worker counts
-    allow, unless a batch at most MAX_BATCH_OVERSHOOT larger makes the step EXACT_BATCH_SLOWDOWN
-    faster (16 fast + 4 slow workers and 64 sequences split exactly only as 3 + 4 each), and else
-    takes the nearest larger batch; either way with a warning.
+    follow each worker's predicted speed at the micro-batches its share allows (31 samples run as
+    one micro-batch of 31 or 31 of one, 32 as 8 x 4: worker_rate). It meets the global batch exactly
+    where the worker counts allow, unless a batch at most MAX_BATCH_OVERSHOOT larger makes the step
+    EXACT_BATCH_SLOWDOWN faster (16 fast + 4 slow workers and 64 sequences split exactly only as
+    3 + 4 each), and else takes the nearest larger batch; either way with a warning.
     """
     G = job.global_batch_size
     W = [t.node_type.count * t.workers_per_node for t in types]
-    grain = job.micro_batch_size or 1
-    rates = [t.best.tokens_per_s for t in types]
-    coins = [w * grain for w in W]
-    smallest = sum(coins)
-    if smallest >= G:  # one grain per worker already meets the batch
+    # Each type's counts up to the cap and their step time (seconds per token of a sequence: the
+    # same scale for all types), cheapest count first for the smallest batch.
+    least = [min(t.by_micro) for t in types]
+    smallest = sum(w * n for w, n in zip(W, least))
+    if smallest >= G:  # the smallest count per worker already meets the batch
         warnings = [] if smallest == G else [
             f"global batch {G} is smaller than the workers can take ({sum(W)} workers, at least "
-            f"{grain} sequence(s) each): the plan uses {smallest}"]
-        return [grain] * len(types), warnings
-    cap = max(math.floor(G * (1 + MAX_BATCH_OVERSHOOT)), G + max(coins))
+            f"{min(least)} sequence(s) each): the plan uses {smallest}"]
+        return least, warnings
+    cap = max(math.floor(G * (1 + MAX_BATCH_OVERSHOOT)), G + max(w * n for w, n in zip(W, least)))
+    step = [{n: n / r for n in range(1, cap // w + 1) if (r := worker_rate(t, n, job))}
+            for t, w in zip(types, W)]
+    thresholds = sorted({x for s in step for x in s.values()})
 
-    def counts(tau: float) -> list[int]:
-        """Grains per worker that fit in a step of `tau` (seconds per token of each worker's rate,
-        the same scale for all); 0 where not even one grain fits."""
-        return [min(math.floor(tau * r / grain * (1 + 1e-9)), cap // c) for r, c in zip(rates, coins)]
+    def allowed(tau: float) -> list[list[int]]:
+        return [[n for n, x in s.items() if x <= tau] for s in step]
 
     def reachable(tau: float) -> int:
-        bound = counts(tau)
-        return totals(coins, bound, cap)[-1] if min(bound) >= 1 else 0
+        counts = allowed(tau)
+        return totals(W, counts, cap)[-1] if all(counts) else 0
 
     def fastest(accept) -> tuple[float, int] | None:
         """The shortest step for which some reachable batch passes `accept`, and that batch."""
-        lo, hi = max(grain / r for r in rates) * 0.999, max(cap // c * grain / r for c, r in zip(coins, rates))
-        found = accept(reachable(hi))
+        lo, hi = 0, len(thresholds) - 1
+        found = accept(reachable(thresholds[hi]))
         if found is None:
             return None
-        for _ in range(48):
-            mid = (lo + hi) / 2
-            total = accept(reachable(mid))
+        while lo < hi:
+            mid = (lo + hi) // 2
+            total = accept(reachable(thresholds[mid]))
             if total is None:
-                lo = mid
+                lo = mid + 1
             else:
                 hi, found = mid, total
-        return hi, found
+        return thresholds[hi], found
 
     def first_at_least(limit: int):
         return lambda bits: next((t for t in range(G, limit + 1) if bits >> t & 1), None)
 
     # The batch to aim for: G itself, else the nearest larger one the worker counts can make.
-    at_most = reachable(max(cap // c * grain / r for c, r in zip(coins, rates)))
+    at_most = reachable(thresholds[-1])
     aim = next(t for t in range(G, cap + 1) if at_most >> t & 1)
     ref = fastest(lambda bits: aim if bits >> aim & 1 else None)
     # A batch up to MAX_BATCH_OVERSHOOT larger is taken only when its step is much shorter.
@@ -103,22 +112,23 @@ def distribute(job: JobSpec, types: Sequence[TypeSearch]) -> tuple[list[int], li
         tau, total = alt
         warnings.append(f"a batch of {aim} gives slow workers more than their speed's share (step "
                         f"{ref[0] / alt[0]:.1f}x longer than with {total}): the plan uses {total}")
-    # Recover one split of `total` within the step: the last types (in input order) first.
-    bound = counts(tau)
-    stages = totals(coins, bound, cap)
+    # Recover one split of `total` within the step: the last types (in input order) first, each
+    # its largest count that leaves a reachable rest.
+    counts = allowed(tau)
+    stages = totals(W, counts, cap)
     split = [0] * len(types)
     for i in reversed(range(len(types))):
-        k = next(k for k in range(bound[i], 0, -1)
-                 if total - coins[i] * k >= 0 and stages[i] >> (total - coins[i] * k) & 1)
-        split[i] = k * grain
-        total -= coins[i] * k
+        n = next(n for n in sorted(counts[i], reverse=True)
+                 if total - W[i] * n >= 0 and stages[i] >> (total - W[i] * n) & 1)
+        split[i] = n
+        total -= W[i] * n
     return split, warnings
 
 
 def cluster_tokens_per_second(job: JobSpec, types: Sequence[TypeSearch], samples: Sequence[int]) -> float:
     """Cluster tokens/s: the global batch over the slowest worker's step."""
     total = sum(t.node_type.count * t.workers_per_node * n for t, n in zip(types, samples))
-    return total * job.seq_len / max(n * job.seq_len / t.best.tokens_per_s for t, n in zip(types, samples))
+    return total * job.seq_len / max(n * job.seq_len / worker_rate(t, n, job) for t, n in zip(types, samples))
 
 
 def pacing_warnings(job: JobSpec, types: Sequence[TypeSearch], samples: Sequence[int]) -> list[str]:

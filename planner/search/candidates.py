@@ -5,7 +5,7 @@ Identical nodes are grouped (a NodeType), so the search costs the same for 1 nod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from planner.architecture import ModelSpec
@@ -16,7 +16,7 @@ from planner.memory import MemoryEstimate, budget_bytes, estimate_memory
 from planner.plan import JobSpec, PlanError
 from planner.search.policy import (allowed_quantizations, backend_for, better, checkpointing_modes,
                                    micro_batches, placement_quantizations, placements)
-from planner.throughput import tokens_per_second
+from planner.throughput import NETWORK_GB_PER_S, tokens_per_second
 from planner.vocab import OPTIMIZERS
 
 
@@ -47,6 +47,9 @@ class TypeSearch:
     workers_per_node: int
     best: Candidate | None  # fastest config at the largest micro-batch (for the batch shares)
     notes: Mapping[str, str]
+    # The best configuration at each micro-batch the search tries (powers of two, or the pinned one)
+    # that fits: a worker taking n samples per step runs the best of those dividing n.
+    by_micro: Mapping[int, Candidate] = field(default_factory=dict)
 
 
 def evaluate(model: ModelSpec, nt: NodeType, job: JobSpec, budget: int, quantization: str,
@@ -78,10 +81,15 @@ def evaluate(model: ModelSpec, nt: NodeType, job: JobSpec, budget: int, quantiza
     peak = calibrated_peak_bytes(est, calibration.memory_factor(gpu.name, quantization), peak)
     if peak > budget:
         return None
+    # Data-parallel workers of this type all-reduce their adapters' gradients (ZeRO-3 counts its
+    # own traffic); over the cluster network once they span nodes.
+    workers = 1 if placement == "zero3" else nt.count * (nt.gpus_per_node if placement == "per-gpu" else 1)
     tps = tokens_per_second(model, gpu, quantization=quantization, seq_len=job.seq_len,
                             micro_batch_size=micro, lora_rank=job.lora_rank,
                             lora_targets=job.lora_targets, full_finetune=job.full_finetune,
-                            gradient_checkpointing=ckpt, num_shards=shards)
+                            gradient_checkpointing=ckpt, num_shards=shards, backend=backend,
+                            optimizer=optimizer, data_parallel=workers,
+                            network_gb_per_s=NETWORK_GB_PER_S if nt.count > 1 else None)
     tps *= calibration.throughput_factor(gpu.name, quantization)
     return Candidate(quantization, optimizer, ckpt, micro, placement, backend, est, peak, tps, device_map)
 
@@ -112,8 +120,10 @@ def search_type(model: ModelSpec, nt: NodeType, job: JobSpec, calibration: Calib
     budget = budget_bytes(nt.gpu.memory_bytes, job.safety_margin)
     quants, notes = allowed_quantizations(model, nt.gpu, job)
     for placement, workers_per_node in placements(nt):
-        q = placement_quantizations(quants, placement, nt.gpu)
+        q = placement_quantizations(quants, placement)
         best = best_candidate(model, nt, job, budget, q, placement, micro_batches(job), calibration)
         if best is not None:
-            return TypeSearch(nt, budget, q, placement, workers_per_node, best, notes)
+            by_micro = {m: c for m in micro_batches(job)
+                        if (c := best_candidate(model, nt, job, budget, q, placement, (m,), calibration))}
+            return TypeSearch(nt, budget, q, placement, workers_per_node, best, notes, by_micro)
     return TypeSearch(nt, budget, quants, "per-gpu", nt.gpus_per_node, None, notes)

@@ -11,7 +11,8 @@ import math
 from typing import TYPE_CHECKING
 
 from planner.architecture import ModelSpec
-from planner.hardware import GpuSpec, NodeType, fp8_path_for
+from planner.hardware import GIB, GpuSpec, NodeType, fp8_path_for
+from planner.memory import budget_bytes
 from planner.plan import JobSpec, PlanError
 from planner.vocab import OPTIMIZERS
 
@@ -23,6 +24,10 @@ MAX_MICRO_BATCH = 64
 # 16-bit modules protected, then plain NF4.
 PRECISION_RANK = {"bf16": 0, "fp16": 0, "fp8": 1, "dynamic-4bit": 2, "nf4": 3}
 SIXTEEN_BIT = ("bf16", "fp16")
+# What ZeRO-3 can shard: 16-bit weights, and NF4 whose packed codes are stored in the compute dtype
+# (bnb_4bit_quant_storage), so DeepSpeed flattens one dtype. Not FP8: the hf backend has no FP8 path
+# (rayquant.loading) and DeepSpeed 0.19 partitions no float8 weight with its row scales.
+ZERO3_QUANTIZATIONS = SIXTEEN_BIT + ("nf4", "dynamic-4bit")
 
 
 def sixteen_bit(gpu: GpuSpec) -> str:
@@ -30,14 +35,21 @@ def sixteen_bit(gpu: GpuSpec) -> str:
     return "bf16" if gpu.supports_bf16 else "fp16"
 
 
+def compute_dtype(gpu: GpuSpec) -> str:
+    """The dtype a node plan computes in (and, under ZeRO-3, packs 4-bit codes into): bfloat16
+    where the GPU has it (and on CPU), else float16."""
+    return "bfloat16" if gpu.supports_bf16 or gpu.is_cpu else "float16"
+
+
 def allowed_quantizations(model: ModelSpec, gpu: GpuSpec, job: JobSpec) -> tuple[tuple[str, ...], dict]:
     """The quantizations to try on `gpu`, most precise first, and notes for the reasons.
 
     A pin is honoured or refused (FP8 without FP8 tensor cores, 4-bit with full fine-tuning); bf16
     pinned on a GPU without bf16 becomes fp16. Unpinned: full fine-tuning is 16-bit only, a
-    bitsandbytes 4-bit checkpoint stays NF4, else 16-bit, FP8 where Unsloth's FP8 path runs (and
-    rayquant's row-wise FP8 on cc 8.9 only with prefer=speed: it is not faster there, see
-    planner.throughput), then dynamic 4-bit.
+    bitsandbytes 4-bit checkpoint stays NF4, else 16-bit, FP8 where an FP8 path runs (Unsloth's on
+    cc >= 9.0; rayquant's row-wise linear on cc 8.9, where the 16-bit weights must fit to load),
+    then dynamic 4-bit. Every preference tries the same ones: which is fastest is the throughput
+    model's answer (planner.throughput), so balanced and speed agree.
     """
     notes: dict[str, str] = {}
     fp8_path = fp8_path_for(gpu.compute_capability)
@@ -60,8 +72,19 @@ def allowed_quantizations(model: ModelSpec, gpu: GpuSpec, job: JobSpec) -> tuple
         notes["quantization"] = f"{model.name} is a pre-quantized bitsandbytes 4-bit checkpoint"
         return ("nf4",), notes
     out = [sixteen_bit(gpu)]
-    if fp8_path == "unsloth" or (fp8_path == "rowwise" and job.prefer == "speed"):
+    if fp8_path == "unsloth":
         out.append("fp8")
+    elif fp8_path == "rowwise":
+        # cc 8.9: the worker loads the 16-bit weights onto the GPU, then converts the linears to
+        # FP8 (rayquant/fp8.py): FP8 is a choice only where those 16-bit weights fit the budget.
+        load = 2 * model.num_params
+        budget = budget_bytes(gpu.memory_bytes, job.safety_margin)
+        if load <= budget:
+            out.append("fp8")
+        else:
+            notes["fp8"] = (f"fp8 not tried: on compute capability {gpu.compute_capability_str} the "
+                            f"worker loads the 16-bit weights first ({load / GIB:.1f} GiB > "
+                            f"{budget / GIB:.1f} GiB budget)")
     out.append("dynamic-4bit")
     return tuple(out), notes
 
@@ -96,23 +119,34 @@ def placements(nt: NodeType) -> list[tuple[str, int]]:
     return out
 
 
-def placement_quantizations(quantizations: tuple[str, ...], placement: str, gpu: GpuSpec) -> tuple[str, ...]:
-    """The quantizations tried under `placement`: ZeRO-3 is planned with 16-bit weights only (the
-    GPU's 16-bit scheme where the allowed ones hold none)."""
+def placement_quantizations(quantizations: tuple[str, ...], placement: str) -> tuple[str, ...]:
+    """The quantizations tried under `placement`. ZeRO-3 (the hf backend) shards 16-bit weights and
+    4-bit ones packed into 16-bit storage (ZERO3_QUANTIZATIONS), not FP8: a pinned fp8 gets no
+    ZeRO-3 candidate."""
     if placement != "zero3":
         return quantizations
-    return tuple(q for q in quantizations if q in SIXTEEN_BIT) or (sixteen_bit(gpu),)
+    return tuple(q for q in quantizations if q in ZERO3_QUANTIZATIONS)
+
+
+# prefer=balanced keeps the more precise weights unless the less precise are predicted at least this
+# much faster: well beyond the throughput model's error on its check rows (docs/planner.md).
+BALANCED_SPEEDUP = 1.10
 
 
 def better(a: "Candidate | None", b: "Candidate | None", job: JobSpec) -> bool:
     """Is a better than b? Faster wins; ties go to more precision, the exact optimizer, less
-    recomputation. prefer=accuracy puts precision before speed."""
+    recomputation. prefer=accuracy puts precision before speed; prefer=balanced lets less precise
+    weights win only when they are BALANCED_SPEEDUP faster."""
     if a is None:
         return False
     if b is None:
         return True
     if job.prefer == "accuracy" and PRECISION_RANK[a.quantization] != PRECISION_RANK[b.quantization]:
         return PRECISION_RANK[a.quantization] < PRECISION_RANK[b.quantization]
+    if job.prefer == "balanced" and PRECISION_RANK[a.quantization] != PRECISION_RANK[b.quantization]:
+        # Less precise weights must buy a speed-up the throughput model can tell from its error.
+        precise, other = (a, b) if PRECISION_RANK[a.quantization] < PRECISION_RANK[b.quantization] else (b, a)
+        return (a is precise) == (other.tokens_per_s <= precise.tokens_per_s * BALANCED_SPEEDUP)
     if not math.isclose(a.tokens_per_s, b.tokens_per_s, rel_tol=1e-9):
         return a.tokens_per_s > b.tokens_per_s
 

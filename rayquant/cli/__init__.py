@@ -27,7 +27,8 @@ __all__ = ["main"]
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rayquant")
 @click.option("--verbose", is_flag=True,
-              help=f"Show the traceback of an internal error (a bug in rayquant); also {VERBOSE_ENV}=1.")
+              help=f"Show everything the libraries print (no noise filter, on the workers too) and the "
+                   f"traceback of an internal error (a bug in rayquant); also {VERBOSE_ENV}=1.")
 @click.pass_context
 def main(ctx: click.Context, verbose: bool) -> None:
     """Plan and run LoRA/QLoRA fine-tuning on a Ray cluster with whatever GPUs it has.

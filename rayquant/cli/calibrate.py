@@ -51,8 +51,11 @@ def calibrate_command(model, quantizations, seq_lens, micro_batches, backend, gr
     from planner.calibration import Calibration, CalibrationError
     from planner.model import load_model_spec
     from rayquant import calibrate as cal
+    from rayquant import quiet
     from rayquant.cli.errors import RunFailedError, where_to_look
 
+    # Known library noise filtered; with --json all but the document goes to stderr.
+    stdout = click.get_current_context().with_resource(quiet.console(json=as_json))
     load_model_spec(model)
     if not use_ray:
         cal.check_cuda()
@@ -83,7 +86,7 @@ def calibrate_command(model, quantizations, seq_lens, micro_batches, backend, gr
         calibration.save(output)
     if as_json:
         click.echo(json.dumps({"results": results, "calibration": calibration.to_dict()}, indent=2,
-                              default=str))
+                              default=str), file=stdout)
     else:
         click.echo(cal.format_table(results))
         for row in calibration.to_dict()["factors"]:

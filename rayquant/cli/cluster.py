@@ -28,13 +28,15 @@ def inventory_command(address: str | None, local_only: bool, cpu_nodes: bool | N
     import json
 
     from planner.atomic import SIGNATURE, WRITTEN_BY, check_output, write_atomically
-    from rayquant import inventory
+    from rayquant import inventory, quiet
     from rayquant.report import table
 
     if local_only and address:
         raise click.UsageError("--local reads this machine only. To fix: drop --address, or drop --local")
     if output:
         check_output(output, overwrite=overwrite, what="inventory file")
+    # Known library noise filtered; with --json all but the document goes to stderr.
+    stdout = click.get_current_context().with_resource(quiet.console(json=as_json))
     if local_only:
         probes = [inventory.probe_local()]
         types = inventory.local_node_types()
@@ -59,7 +61,7 @@ def inventory_command(address: str | None, local_only: bool, cpu_nodes: bool | N
         else:
             write_atomically(output, json.dumps({**WRITTEN_BY, "nodes": rows}, indent=2) + "\n")
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(data, indent=2), file=stdout)
         return
     cells = [[f"{r['gpu']}:{r['gpus_per_node']}", str(r["count"]), str(r["gpus_per_node"]),
               f"{nt.gpu.memory_gib:.1f}", nt.gpu.compute_capability_str if not nt.gpu.is_cpu else "-",

@@ -26,9 +26,10 @@ from typing import Callable, Mapping
 
 import click
 
+from rayquant import quiet
 from rayquant.config import setting_of, yaml_spelling
 
-VERBOSE_ENV = "RAYQUANT_VERBOSE"  # also read by the trainer; `rayquant --verbose` sets it
+VERBOSE_ENV = quiet.VERBOSE_ENV  # read by the trainer and its workers; `rayquant --verbose` sets it
 USER_ERROR = 2
 RUN_FAILED = 1
 INTERNAL_ERROR = 1
@@ -37,7 +38,8 @@ INTERNAL_ERROR = 1
 # imported, so classifying imports nothing (an error's class is loaded when it was raised).
 _RUN_FAILURES = (("ray.exceptions", "RayError"), ("ray.train.v2._internal.exceptions", "RayTrainError"),
                  ("ray.train.base_trainer", "TrainingFailedError"), ("rayquant.adapters", "AdapterMismatchError"),
-                 ("rayquant.trainer", "TrainedNothingError"), ("rayquant.export", "ExportCheckError"),
+                 ("rayquant.trainer", "TrainedNothingError"), ("rayquant.trainer", "RunFaultError"),
+                 ("rayquant.export", "ExportCheckError"),
                  (__name__, "RunFailedError"))
 # SettingError covers ConfigError, PlanError (InventoryError, CalibrationError, PlacementError, ...),
 # OutputExistsError and ClusterConnectError.
@@ -91,7 +93,7 @@ def verbose(meta: Mapping | None = None) -> bool:
     """True with `rayquant --verbose` or RAYQUANT_VERBOSE set (to anything but 0/false/no)."""
     if meta is not None and meta.get(_VERBOSE):
         return True
-    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return quiet.verbose()
 
 
 def set_verbose(ctx: click.Context) -> None:
@@ -141,7 +143,9 @@ def report(error: Exception, meta: Mapping, command: str) -> int:
     if verbose(meta):
         click.echo("".join(traceback.format_exception(error)).rstrip(), err=True)
     if kind == "run":
-        what = error if isinstance(error, RunFailedError) else f"{type(error).__name__}: {error}"
+        render = getattr(error, "render", None)  # a run failure that names settings
+        text = render(meta.get(_SPELLING, cli_spelling)) if render else str(error)
+        what = text if isinstance(error, RunFailedError) else f"{type(error).__name__}: {text}"
         click.echo(f"Error: the run failed: {what}\n"
                    f"{meta.get(_WHERE_TO_LOOK, DEFAULT_WHERE_TO_LOOK)}", err=True)
         return RUN_FAILED

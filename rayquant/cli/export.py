@@ -36,12 +36,15 @@ def export_command(adapter_dir: str, out: str, dtype: str, base: str | None, dev
     """
     import json
 
+    from rayquant import quiet
     from rayquant.export import export_merged
 
     where_to_look("The merged model was not written: the adapter directory is unchanged.")
+    # Known library noise filtered; with --json all but the document goes to stderr.
+    stdout = click.get_current_context().with_resource(quiet.console(json=as_json))
     info = export_merged(adapter_dir, out, dtype=dtype, base=base, overwrite=overwrite, device=device)
     if as_json:
-        click.echo(json.dumps(dict(info, out=str(out)), indent=2))
+        click.echo(json.dumps(dict(info, out=str(out)), indent=2), file=stdout)
         return
     check = info["check"]
     click.echo(f"Merged {info['adapter_dir']} (sha256 {info['adapter_sha256'][:16]}) into {info['base_model']} "

@@ -66,11 +66,24 @@ def _plan(config: dict, config_dir: str, model: str | None, gpus: str | None, in
                               planning.job_spec(lora, sft), calibration=calibration)
 
 
+def build_instructions() -> str:
+    """What `rayquant k8s` says without --image: how to build and push the image the pods run."""
+    return ("no --image: the pods need an image with Ray and rayquant[train]. Build it from a "
+            "checkout of rayquant and push it to a registry your cluster pulls from:\n"
+            "    docker build -f docker/Dockerfile -t REGISTRY/rayquant:0.1.0 .      "
+            "# GPU nodes (docker/Dockerfile.cpu: CPU only)\n"
+            "    docker push REGISTRY/rayquant:0.1.0\n"
+            "To fix: pass --image REGISTRY/rayquant:0.1.0 (and --image-pull-secret SECRET for a "
+            "private registry); see docs/kubernetes.md")
+
+
 @click.command("k8s")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The `rayquant train` YAML config to run (mounted into the pods); its lora, sft "
                    "and calibration settings make the plan.")
-@click.option("--image", required=True, help="Container image with Ray and rayquant[train] installed.")
+@click.option("--image", default=None,
+              help="Container image with Ray and rayquant[train] installed (docker/Dockerfile builds "
+                   "one; without --image, how to build and push it is printed).")
 @click.option("--model", default=None, help="Model id or path (default: the config's `model`).")
 @click.option("--gpus", default=None, help="The cluster to plan for, e.g. 2x8xH100-80GB,4x1xA10G.")
 @click.option("--inventory", type=click.Path(dir_okay=False), default=None,
@@ -85,6 +98,26 @@ def _plan(config: dict, config_dir: str, model: str | None, gpus: str | None, in
 @click.option("--hf-token-secret", default=None,
               help="Secret with the Hugging Face token, NAME or NAME:KEY (key default HF_TOKEN); "
                    "exposed to the pods as HF_TOKEN, never written into the manifest.")
+@click.option("--no-hf-token", is_flag=True,
+              help="Render a gated model (meta-llama/..., google/gemma-...) without --hf-token-secret: "
+                   "the pods get it another way (a model cache holding it, HF_TOKEN set by the cluster).")
+@click.option("--model-cache", default=None, metavar="PATH",
+              help="HF_HOME on the PVC of --storage, relative to it or under /mnt/rayquant/ "
+                   "(default with a PVC: /mnt/rayquant/huggingface): the model is downloaded once "
+                   "for all pods and jobs.")
+@click.option("--no-model-cache", is_flag=True,
+              help="No model cache: each worker pod downloads the model into its own disk, its "
+                   "ephemeral-storage request sized from the model's bytes (the default with a bucket "
+                   "--storage).")
+@click.option("--service-account", default=None,
+              help="serviceAccountName of the head, worker and submitter pods (e.g. one bound to a "
+                   "cloud identity for bucket access).")
+@click.option("--image-pull-secret", "image_pull_secrets", multiple=True, metavar="SECRET",
+              help="imagePullSecrets of every pod, for a private registry; repeatable.")
+@click.option("--storage-secret", default=None, metavar="SECRET",
+              help="Secret with S3 credentials for an s3:// --storage (keys AWS_ACCESS_KEY_ID, "
+                   "AWS_SECRET_ACCESS_KEY; optional AWS_SESSION_TOKEN, AWS_ENDPOINT_URL), passed to the "
+                   "head and workers as env vars of those names.")
 @click.option("--gpu-label", default=GFD_PRODUCT_LABEL, show_default=True,
               help="Node label that names the GPU: GPU feature discovery's, or a cloud's such as "
                    "cloud.google.com/gke-accelerator or karpenter.k8s.aws/instance-gpu-name.")
@@ -116,17 +149,20 @@ def _plan(config: dict, config_dir: str, model: str | None, gpus: str | None, in
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary (worker groups, resources, entrypoint) instead of YAML.")
 def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, namespace, name,
-                hf_token_secret, gpu_label, gpu_values, dataset_in_pod, pip_packages, cluster,
-                submission_mode, backoff_limit, deadline_hours, ttl_seconds, ray_version, output,
-                overwrite, as_json) -> None:
+                hf_token_secret, no_hf_token, model_cache, no_model_cache, service_account,
+                image_pull_secrets, storage_secret, gpu_label, gpu_values, dataset_in_pod,
+                pip_packages, cluster, submission_mode, backoff_limit, deadline_hours, ttl_seconds,
+                ray_version, output, overwrite, as_json) -> None:
     """Render KubeRay manifests from the plan: a ConfigMap (training config + plan) and a RayJob
     running `rayquant train` on it (a RayCluster with --cluster). One worker group per node type:
     replicas, nvidia.com/gpu, CPU and memory from the plan, a GPU node selector and toleration, and
-    the rayquant.io/node-type Ray label the workers are pinned by.
+    the rayquant.io/node-type Ray label the workers are pinned by. With a PVC the model is cached
+    on it (HF_HOME); secrets, service account and pull secrets are references only.
 
     \b
+    docker build -f docker/Dockerfile -t ghcr.io/acme/rayquant:0.1 . && docker push ghcr.io/acme/rayquant:0.1
     rayquant k8s --config train.yaml --gpus 2x8xH100-80GB --image ghcr.io/acme/rayquant:0.1 \\
-        --storage rayquant-pvc --hf-token-secret hf-token -o rayjob.yaml
+        --image-pull-secret regcred --storage rayquant-pvc --hf-token-secret hf-token -o rayjob.yaml
     kubectl apply -f rayjob.yaml
     """
     import json
@@ -136,6 +172,8 @@ def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, 
     from rayquant import k8s
 
     spell_with(flags_then_yaml(K8S_FLAGS))
+    if not image:
+        raise click.UsageError(build_instructions())
     if output:
         check_output(output, overwrite=overwrite, what="manifest file")
     train_config = _read_config(config_path)
@@ -150,7 +188,9 @@ def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, 
     plan = _plan(train_config, config_dir, model, gpus, inventory, plan_path)
     options = k8s.K8sOptions(
         name=name or k8s.default_name(plan.model), image=image, storage=storage,
-        namespace=namespace, hf_token_secret=hf_token_secret, gpu_label=gpu_label,
+        namespace=namespace, hf_token_secret=hf_token_secret, no_hf_token=no_hf_token,
+        model_cache=model_cache, no_model_cache=no_model_cache, service_account=service_account,
+        image_pull_secrets=image_pull_secrets, storage_secret=storage_secret, gpu_label=gpu_label,
         gpu_values=values, cluster=cluster, dataset_in_pod=dataset_in_pod,
         ray_version=ray_version, pip=pip_packages,
         submission_mode=submission_mode, backoff_limit=backoff_limit,
@@ -168,8 +208,8 @@ def k8s_command(config_path, image, model, gpus, inventory, plan_path, storage, 
     else:
         click.echo(text, nl=False)
     if image.startswith(("rayproject/ray:", "docker.io/rayproject/ray:")) and not pip_packages:
-        click.echo(f"note: {image} has no rayquant installed; add --pip 'rayquant[train]' or build "
-                   "an image (docs/kubernetes.md)", err=True)
+        click.echo(f"note: {image} has no rayquant installed; build the image of docker/Dockerfile "
+                   "(docs/kubernetes.md) or add --pip 'rayquant[train]'", err=True)
 
 
 COMMANDS = (k8s_command,)

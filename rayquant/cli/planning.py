@@ -121,17 +121,51 @@ def plan_command(model, gpus, inventory, seq_len, global_batch, lora_rank, lora_
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
               help=_CALIBRATION_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+@click.option("--compare", is_flag=True,
+              help="Every quantization with both backends (each with its own checkpointing) side by "
+                   "side: peak, fits, longest sequence, tokens/s. --quantization, --backend and "
+                   "--gradient-checkpointing do not apply.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="With --compare: draw the peaks against the GPU's memory to FILE.png or FILE.svg.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a --plot file that holds a previous rayquant plot (never a user's file).")
 def estimate_command(model, gpu, quantization, double_quant, backend, seq_len, micro_batch, lora_rank,
                      lora_targets, full_finetune, gradient_checkpointing, optimizer, calibration_file,
-                     as_json):
+                     as_json, compare, plot, overwrite):
     """Predict peak memory, the longest sequence that fits, and tokens/s of one worker for one
-    fixed configuration."""
+    fixed configuration (or, with --compare, for every quantization and backend)."""
     import json
 
     from rayquant import planning
     from rayquant.config import LoraOptions
-    from rayquant.report import estimate_text
+    from rayquant.report import compare_text, estimate_text, plot_compare
 
+    if plot and not compare:
+        raise click.UsageError("--plot draws the --compare table. To fix: add --compare")
+    if plot and not plot.lower().endswith((".png", ".svg")):
+        raise click.BadParameter(f"{plot}: the file must end in .png or .svg. To fix: name it "
+                                 "compare.png or compare.svg", param_hint="--plot")
+    if compare:
+        if full_finetune:
+            raise click.UsageError("--compare compares LoRA on quantized bases; --full-finetune needs "
+                                   "16-bit weights. To fix: drop one of them")
+        if plot:
+            from planner.atomic import check_output
+
+            check_output(plot, overwrite=overwrite, what="plot")
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise click.UsageError("--plot needs matplotlib, which is not installed. To fix: "
+                                       "pip install matplotlib, or drop --plot") from None
+        result = planning.compare(
+            model, gpu, seq_len=seq_len, micro_batch_size=micro_batch, lora_rank=lora_rank,
+            lora_targets=LoraOptions(targets=lora_targets).targets, double_quant=double_quant,
+            optimizer=optimizer, calibration=calibration_file)
+        if plot:
+            plot_compare(result, plot)
+        click.echo(json.dumps(result, indent=2) if as_json else compare_text(result))
+        return
     result = planning.estimate(
         model, gpu, quantization=quantization, double_quant=double_quant, backend=backend,
         seq_len=seq_len, micro_batch_size=micro_batch, lora_rank=lora_rank,

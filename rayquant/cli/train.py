@@ -45,11 +45,14 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
     import dataclasses
     import json
 
+    from rayquant import quiet
     from rayquant.config import load_train_config, render_options
     from rayquant.report import plan_table
     from rayquant.trainer import RayQuantTrainer
 
     spell_with(flags_then_yaml(TRAIN_FLAGS))
+    # Known library noise filtered; with --json all but the document goes to stderr.
+    stdout = click.get_current_context().with_resource(quiet.console(json=as_json))
     cfg = load_train_config(config_path)
     run = dataclasses.replace(cfg.run, output_dir=output_dir) if output_dir else cfg.run
     run = dataclasses.replace(run, overwrite=True) if overwrite else run
@@ -73,7 +76,7 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
             click.echo(json.dumps({"plan": checked.plan.to_dict(), "dataset": {
                 "path": cfg.dataset, "rows": checked.data.num_rows, "format": checked.data.format,
                 **summary}, "model": dataclasses.asdict(checked.model), "steps": checked.total_steps,
-                "report_to": list(checked.report_to), "warnings": warnings}, indent=2))
+                "report_to": list(checked.report_to), "warnings": warnings}, indent=2), file=stdout)
         else:
             click.echo(plan_table(checked.plan, spell))
             click.echo("")
@@ -99,8 +102,11 @@ def train_command(config_path: str, dry_run: bool, output_dir: str | None, overw
         click.echo("[rayquant] interrupted before training started; nothing was trained.", err=True)
         click.get_current_context().exit(INTERRUPTED)
     if as_json:
+        import ray
+
+        ray.shutdown()  # Ray prints the worker lines it held back (deduplication) now, to stderr
         click.echo(json.dumps({"adapter_dir": str(result.adapter_dir), "run_dir": str(result.run_dir),
-                               "manifest": result.manifest}, indent=2, default=str))
+                               "manifest": result.manifest}, indent=2, default=str), file=stdout)
     else:
         loss = result.manifest.get("loss", {})
         click.echo(f"Loss {loss.get('first', float('nan')):.4f} -> {loss.get('last', float('nan')):.4f} "

@@ -1,8 +1,10 @@
-"""What a cluster needs beyond the plan: names, image, storage, secrets and job policy
-(K8sOptions), each checked against Kubernetes' and KubeRay's rules with every problem reported."""
+"""What a cluster needs beyond the plan: names, image, storage, model cache, secrets, pod identity
+and job policy (K8sOptions), each checked against Kubernetes' and KubeRay's rules with every problem
+reported."""
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -11,6 +13,13 @@ from rayquant.k8s.errors import K8sError
 from rayquant.k8s.labels import GFD_PRODUCT_LABEL, LABEL_VALUE, QUALIFIED_NAME
 
 STORAGE_MOUNT_DIR = "/mnt/rayquant"
+# HF_HOME on the PVC when --storage is one: every pod reads one copy of the model (huggingface_hub
+# serializes downloads into a cache with lock files under it), and a retried job finds it there.
+DEFAULT_MODEL_CACHE = STORAGE_MOUNT_DIR + "/huggingface"
+# Env vars --storage-secret passes from the Secret (same key names): what pyarrow's S3 filesystem,
+# which Ray Train writes s3:// storage through, reads. The last two are optional in the Secret.
+STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+STORAGE_SECRET_OPTIONAL_KEYS = ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")
 DEFAULT_RAY_VERSION = "2.60.0"  # the Ray the `train` extra pins (pyproject.toml)
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "SidecarMode")
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
@@ -20,6 +29,8 @@ MAX_RAYJOB_NAME = 47
 MAX_RAYCLUSTER_NAME = 53
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# A Secret or ServiceAccount name: a DNS-1123 subdomain.
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 HF_TOKEN_PATTERN = re.compile(r"^hf_[A-Za-z0-9]{20,}$")  # a Hugging Face access token
 
 
@@ -51,6 +62,14 @@ class Storage:
     def storage_path(self) -> str:
         return self.uri if self.uri else STORAGE_MOUNT_DIR
 
+    @property
+    def scheme(self) -> str | None:
+        return self.uri.split("://", 1)[0].lower() if self.uri else None
+
+
+def _is_object_name(name: str) -> bool:
+    return bool(_DNS1123_SUBDOMAIN.match(name)) and len(name) <= 253
+
 
 @dataclass(frozen=True)
 class K8sOptions:
@@ -61,6 +80,12 @@ class K8sOptions:
     storage: str
     namespace: str = "default"
     hf_token_secret: str | None = None  # "NAME" or "NAME:KEY" (key defaults to HF_TOKEN)
+    no_hf_token: bool = False  # a gated model rendered without a token (the user says so)
+    model_cache: str | None = None  # HF_HOME on the PVC; None: DEFAULT_MODEL_CACHE with a PVC
+    no_model_cache: bool = False  # each pod downloads the model into its own disk
+    service_account: str | None = None  # serviceAccountName of every pod
+    image_pull_secrets: tuple[str, ...] = ()  # Secrets of type dockerconfigjson
+    storage_secret: str | None = None  # Secret with S3 credentials (STORAGE_SECRET_KEYS)
     gpu_label: str = GFD_PRODUCT_LABEL
     gpu_values: Mapping[str, str] = field(default_factory=dict)  # GPU catalog name -> label value
     cluster: bool = False  # render a RayCluster instead of a RayJob
@@ -75,6 +100,7 @@ class K8sOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "gpu_values", dict(self.gpu_values))
         object.__setattr__(self, "pip", tuple(self.pip))
+        object.__setattr__(self, "image_pull_secrets", tuple(self.image_pull_secrets))
         problems: list[str] = []
         limit = MAX_RAYCLUSTER_NAME if self.cluster else MAX_RAYJOB_NAME
         if not _DNS1035_LABEL.match(self.name) or len(self.name) > limit:
@@ -95,6 +121,16 @@ class K8sOptions:
             if HF_TOKEN_PATTERN.match(secret) or HF_TOKEN_PATTERN.match(key):
                 problems.append("--hf-token-secret takes the NAME of a Secret holding the token, "
                                 "never the token itself")
+        if self.no_hf_token and self.hf_token_secret is not None:
+            problems.append("--no-hf-token and --hf-token-secret exclude each other")
+        for flag, value in (("--service-account", self.service_account),
+                            ("--storage-secret", self.storage_secret),
+                            *(("--image-pull-secret", v) for v in self.image_pull_secrets)):
+            if value is not None and not _is_object_name(value):
+                problems.append(f"{flag} {value!r} is not a Kubernetes object name (lower-case "
+                                "letters, digits, '-' and '.')")
+        if len(set(self.image_pull_secrets)) != len(self.image_pull_secrets):
+            problems.append("--image-pull-secret names a Secret twice")
         if not QUALIFIED_NAME.match(self.gpu_label):
             problems.append(f"--gpu-label {self.gpu_label!r} is not a Kubernetes label key")
         for gpu, value in self.gpu_values.items():
@@ -112,11 +148,44 @@ class K8sOptions:
             problems.append(f"--dataset-in-pod {self.dataset_in_pod!r} must be an absolute path "
                             "inside the pods")
         try:
-            Storage.parse(self.storage)
+            storage = Storage.parse(self.storage)
         except K8sError as e:
             problems.append(str(e))
+        else:
+            problems += self._storage_problems(storage)
         if problems:
             raise K8sError("cannot render manifests: " + "; ".join(problems))
+
+    def _storage_problems(self, storage: Storage) -> list[str]:
+        """What is wrong with the model cache and the storage Secret for this storage."""
+        problems = []
+        if self.model_cache is not None and self.no_model_cache:
+            problems.append("--model-cache and --no-model-cache exclude each other")
+        elif self.model_cache is not None and not storage.pvc:
+            problems.append(f"--model-cache {self.model_cache}: the cache must be on a PVC every pod "
+                            f"mounts, and --storage {self.storage} is a bucket. To fix: drop "
+                            "--model-cache (each pod then downloads the model into its own disk, "
+                            "its ephemeral-storage sized for it), or pass a ReadWriteMany PVC as --storage")
+        elif self.model_cache is not None:
+            path = posixpath.normpath(posixpath.join(STORAGE_MOUNT_DIR, self.model_cache))
+            if ".." in self.model_cache.split("/") or not path.startswith(STORAGE_MOUNT_DIR + "/"):
+                problems.append(f"--model-cache {self.model_cache!r} must be a directory on the PVC: "
+                                f"a path relative to it (huggingface) or under {STORAGE_MOUNT_DIR}/")
+        if self.storage_secret is not None and storage.scheme != "s3":
+            problems.append(f"--storage-secret {self.storage_secret} gives S3 credentials, but "
+                            f"--storage {self.storage} is not an s3:// bucket. To fix: drop "
+                            "--storage-secret (a PVC needs none; for gs:// or abfss:// give the pods "
+                            "a cloud identity with --service-account)")
+        return problems
+
+    @property
+    def hf_home(self) -> str | None:
+        """HF_HOME in the pods: the model cache on the PVC, or None (each pod's own disk)."""
+        if self.no_model_cache or not Storage.parse(self.storage).pvc:
+            return None
+        if self.model_cache is None:
+            return DEFAULT_MODEL_CACHE
+        return posixpath.normpath(posixpath.join(STORAGE_MOUNT_DIR, self.model_cache))
 
     @property
     def secret_ref(self) -> tuple[str, str] | None:

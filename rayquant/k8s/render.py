@@ -14,14 +14,22 @@ from planner.hardware import lookup_gpu
 from planner.plan import NodePlan, PlanError, TrainingPlan
 from rayquant.k8s.errors import K8sError
 from rayquant.k8s.labels import NODE_TYPE_LABEL, gpu_label_values, group_name, node_type_label_value
-from rayquant.k8s.options import HF_TOKEN_PATTERN, K8sOptions, STORAGE_MOUNT_DIR, Storage
-from rayquant.k8s.sizing import PodSize, head_pod_size, worker_pod_size
+from rayquant.k8s.options import (HF_TOKEN_PATTERN, K8sOptions, STORAGE_MOUNT_DIR, STORAGE_SECRET_KEYS,
+                                  STORAGE_SECRET_OPTIONAL_KEYS, Storage)
+from rayquant.k8s.sizing import (PodSize, head_pod_size, needs_model_spec, worker_ephemeral_terms,
+                                 worker_pod_size)
 from rayquant.placement import CPU_DEVICE
 
 CONFIG_MOUNT_DIR = "/etc/rayquant"
 TRAIN_CONFIG_FILE = "train.yaml"
 PLAN_FILE = "plan.json"
 GPU_RESOURCE = "nvidia.com/gpu"
+EPHEMERAL_RESOURCE = "ephemeral-storage"
+# KubeRay's default submitter container (ray-operator/controllers/ray/common/job.go
+# GetDefaultSubmitterContainer): rendered with its resources when the submitter pod needs a service
+# account or pull secrets, which the default template does not carry.
+SUBMITTER_CONTAINER = "ray-job-submitter"
+SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 CONFIGMAP_LIMIT_BYTES = 1024 * 1024  # Kubernetes rejects ConfigMaps over 1 MiB of data
 # A local dataset up to this size travels in the ConfigMap (leaving room for config and plan);
 # larger ones must be on the shared storage or in the image.
@@ -143,6 +151,8 @@ def _yaml():
 
 def _container(role: str, image: str, size: PodSize, env: list[dict], mounts: list[dict]) -> dict:
     resources: dict[str, Any] = {"cpu": str(size.cpus), "memory": f"{size.memory_gib}Gi"}
+    if size.ephemeral_bytes:
+        resources[EPHEMERAL_RESOURCE] = f"{size.ephemeral_gib}Gi"
     if size.gpus:
         resources[GPU_RESOURCE] = str(size.gpus)
     container: dict[str, Any] = {
@@ -167,7 +177,7 @@ def _pod_template(role: str, options: K8sOptions, size: PodSize, env: list[dict]
     labels = {"app.kubernetes.io/name": "rayquant", "app.kubernetes.io/instance": options.name,
               "app.kubernetes.io/component": role}
     spec: dict[str, Any] = {"containers": [_container(role, options.image, size, env, mounts)],
-                            "volumes": volumes}
+                            "volumes": volumes, **_pod_identity(options)}
     if node is not None:
         labels[NODE_TYPE_LABEL] = node_type_label_value(node.node_type)
     if selector_values:
@@ -182,8 +192,76 @@ def _pod_template(role: str, options: K8sOptions, size: PodSize, env: list[dict]
     return {"metadata": {"labels": labels}, "spec": spec}
 
 
+def _pod_identity(options: K8sOptions) -> dict[str, Any]:
+    """serviceAccountName and imagePullSecrets of every pod, the submitter's included."""
+    out: dict[str, Any] = {}
+    if options.service_account:
+        out["serviceAccountName"] = options.service_account
+    if options.image_pull_secrets:
+        out["imagePullSecrets"] = [{"name": n} for n in options.image_pull_secrets]
+    return out
+
+
+def _env(options: K8sOptions) -> list[dict]:
+    """The env of the head and worker containers: the Hugging Face token and S3 credentials from
+    their Secrets (only references in the manifest), HF_HOME on the model cache."""
+    env: list[dict] = []
+    if options.secret_ref:
+        secret, key = options.secret_ref
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    if options.hf_home:
+        env.append({"name": "HF_HOME", "value": options.hf_home})
+    if options.storage_secret:
+        for key in STORAGE_SECRET_KEYS + STORAGE_SECRET_OPTIONAL_KEYS:
+            ref: dict[str, Any] = {"name": options.storage_secret, "key": key}
+            if key in STORAGE_SECRET_OPTIONAL_KEYS:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _submitter_template(options: K8sOptions) -> dict | None:
+    """The K8sJobMode submitter pod, when it needs the service account or pull secrets (KubeRay's
+    default copies only the head's imagePullSecrets); KubeRay fills in its command and env."""
+    identity = _pod_identity(options)
+    if options.submission_mode != "K8sJobMode" or not identity:
+        return None  # SidecarMode runs in the head pod (KubeRay refuses a template there); HTTPMode has none
+    labels = {"app.kubernetes.io/name": "rayquant", "app.kubernetes.io/instance": options.name,
+              "app.kubernetes.io/component": "submitter"}
+    container = {"name": SUBMITTER_CONTAINER, "image": options.image, "imagePullPolicy": "IfNotPresent",
+                 "resources": {k: dict(v) for k, v in SUBMITTER_RESOURCES.items()}}
+    # restartPolicy Never: a Job's pods must not be Always; retries are the RayJob's backoffLimit.
+    return {"metadata": {"labels": labels},
+            "spec": {"restartPolicy": "Never", **identity, "containers": [container]}}
+
+
+def check_hf_token(model: str, options: K8sOptions) -> None:
+    """Refuse a gated Hub model without a token Secret, unless --no-hf-token says so."""
+    if options.secret_ref or options.no_hf_token:
+        return
+    from rayquant.models import hub_gated
+
+    if hub_gated(model):
+        raise K8sError(f"{model} is gated on the Hub: the pods can download it only with the token "
+                       "of an account that accepted its terms, and no --hf-token-secret is given. "
+                       "To fix: create the Secret (kubectl create secret generic hf-token "
+                       "--from-literal=HF_TOKEN=hf_...) and pass --hf-token-secret hf-token, or pass "
+                       "--no-hf-token if the pods get the model another way (a model cache already "
+                       "holding it, HF_TOKEN set by your cluster)")
+
+
+def _model_spec(model: str):
+    from planner.model import UnknownModelError
+    from rayquant.planning import model_spec
+
+    try:
+        return model_spec(model)
+    except UnknownModelError as e:
+        raise K8sError(f"cannot size the pods' disk for {model}: {e}") from None
+
+
 def _worker_group(node: NodePlan, options: K8sOptions, cpus_per_worker: int, env: list[dict],
-                  volumes: list[dict], mounts: list[dict]) -> dict:
+                  volumes: list[dict], mounts: list[dict], ephemeral_terms: Mapping[str, int]) -> dict:
     if node.gpu == CPU_DEVICE:
         values: tuple[str, ...] = ()
     else:
@@ -199,20 +277,27 @@ def _worker_group(node: NodePlan, options: K8sOptions, cpus_per_worker: int, env
         # rayStartParams['labels'] in favour of this field (utils/validation.go).
         "labels": {NODE_TYPE_LABEL: node_type_label_value(node.node_type)},
         "rayStartParams": {},
-        "template": _pod_template("worker", options, worker_pod_size(node, cpus_per_worker), env,
+        "template": _pod_template("worker", options,
+                                  worker_pod_size(node, cpus_per_worker, ephemeral_terms), env,
                                   volumes, mounts, node, values),
     }
 
 
 def render_manifests(plan: TrainingPlan, train_config: Mapping[str, Any], options: K8sOptions,
-                     config_dir: str = ".") -> list[dict]:
+                     config_dir: str = ".", model=None) -> list[dict]:
     """[ConfigMap, RayJob | RayCluster] running `plan` with the `rayquant train` config given.
 
     `config_dir` is where the config file lives (its relative dataset path resolves against it).
+    `model` is the planner's ModelSpec of plan.model (loaded when None and the worker pods' disk
+    is sized from it: no model cache, or FP8 through Unsloth).
     """
     if not plan.node_plans:
         raise K8sError("the plan has no node types; nothing to run")
     check_no_inline_token(train_config)
+    check_hf_token(plan.model, options)
+    cached = options.hf_home is not None
+    if model is None and needs_model_spec(plan.node_plans, cached):
+        model = _model_spec(plan.model)
     cpus = (train_config.get("scaling") or {}).get("cpus_per_worker", 1)
     if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
         raise K8sError(f"scaling.cpus_per_worker must be an integer >= 1, got {cpus!r}")
@@ -240,10 +325,7 @@ def render_manifests(plan: TrainingPlan, train_config: Mapping[str, Any], option
     if binary:
         configmap["binaryData"] = binary
 
-    env: list[dict] = []
-    if options.secret_ref:
-        secret, key = options.secret_ref
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    env = _env(options)
     volumes = [{"name": "rayquant-config", "configMap": {"name": config_name}}]
     mounts = [{"name": "rayquant-config", "mountPath": CONFIG_MOUNT_DIR, "readOnly": True}]
     if storage.pvc:
@@ -262,7 +344,8 @@ def render_manifests(plan: TrainingPlan, train_config: Mapping[str, Any], option
                     # to every pod and to the job submitter.
                     "authOptions": {"mode": "token"},
                     "headGroupSpec": head,
-                    "workerGroupSpecs": [_worker_group(n, options, cpus, env, volumes, mounts)
+                    "workerGroupSpecs": [_worker_group(n, options, cpus, env, volumes, mounts,
+                                                       worker_ephemeral_terms(n, model, cached))
                                          for n in plan.node_plans]}
     metadata = {"name": options.name, "namespace": options.namespace, "labels": dict(common_labels),
                 "annotations": {"rayquant.io/plan-sha256": hashlib.sha256(plan_json.encode()).hexdigest(),
@@ -281,6 +364,9 @@ def render_manifests(plan: TrainingPlan, train_config: Mapping[str, Any], option
     }
     if options.pip:
         job_spec["runtimeEnvYAML"] = _yaml().safe_dump({"pip": list(options.pip)}, sort_keys=False)
+    submitter = _submitter_template(options)
+    if submitter is not None:
+        job_spec["submitterPodTemplate"] = submitter
     job_spec["rayClusterSpec"] = cluster_spec
     return [configmap, {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata,
                         "spec": job_spec}]
@@ -319,6 +405,7 @@ def manifest_summary(docs: list[dict]) -> dict[str, Any]:
                        "node_type": g["labels"][NODE_TYPE_LABEL],
                        "gpus": int(limits.get(GPU_RESOURCE, 0)),
                        "cpu": limits["cpu"], "memory": limits["memory"],
+                       "ephemeral_storage": limits.get(EPHEMERAL_RESOURCE),
                        "selector": pod.get("nodeSelector")
                        or affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {})})
     return {"kind": kind_doc["kind"], "name": kind_doc["metadata"]["name"],
@@ -334,6 +421,8 @@ def summary_text(summary: Mapping[str, Any]) -> str:
              f"(config: ConfigMap {summary['configmap']}), entrypoint: {summary['entrypoint']}"]
     for g in summary["worker_groups"]:
         lines.append(f"  group {g['group']}: {g['replicas']} pod(s) x {g['gpus']} GPU, "
-                     f"{g['cpu']} CPU, {g['memory']} memory, Ray label "
+                     f"{g['cpu']} CPU, {g['memory']} memory"
+                     + (f", {g['ephemeral_storage']} disk" if g.get("ephemeral_storage") else "")
+                     + ", Ray label "
                      f"{NODE_TYPE_LABEL}={g['node_type']}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ report a WorkerStats with the adapter.
     sft.py              TRL's SFTTrainer over this rank's shard (arguments, sharded trainer class)
     callbacks.py        progress and checkpoints reported to Ray Train
     checkpoint.py       checkpoint contents (rank 0's CheckpointState) and resuming from them
+    oom.py              an out-of-memory error turned into the report the driver re-plans from
 
 Importing this package loads neither torch nor transformers: Ray imports it for the
 worker_process_setup_hook (import_unsloth_first), which must run before transformers is imported.
@@ -54,7 +55,11 @@ __all__ = ["import_unsloth_first", "train_loop_per_worker"]
 
 def import_unsloth_first() -> None:
     """Ray worker_process_setup_hook: Unsloth patches transformers/TRL only when imported before
-    them, and Ray's worker start-up may import transformers before the train loop runs."""
+    them, and Ray's worker start-up may import transformers before the train loop runs. The
+    known library noise is filtered first (rayquant.quiet)."""
+    from rayquant import quiet
+
+    quiet.install_worker()
     if os.environ.get("RAYQUANT_BACKEND", "unsloth") == "unsloth":
         import unsloth  # noqa: F401
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from planner.plan import NodePlan
+from rayquant.worker import oom
 from rayquant.worker.checkpoint import CheckpointState, report_checkpoint
 
 
@@ -25,6 +26,10 @@ def ray_report(rank: int, node_plan: NodePlan, total_steps: int, world_size: int
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.perf_counter()
+            oom.reached["step"] = state.global_step  # what an out-of-memory report names
+
+        def on_step_end(self, args, state, control, **kw):
+            oom.reached["step"] = state.global_step
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})

@@ -28,7 +28,7 @@ class CheckpointState:
     # trainer skips global_step x (micro-batch x accumulation) rows of each rank's shard (HF's
     # trainer state), which is this position only under the same global batch: `restored` checks it.
     data_position_rows: int
-    world_size: int  # a resumed run must have as many workers: shards depend on it
+    world_size: int  # ZeRO-3 shards need as many workers to resume; DDP resumes on any number
     losses: tuple[tuple[int, float], ...]  # (step, loss) so far, so the manifest's curve spans restarts
 
     def __post_init__(self) -> None:
@@ -79,15 +79,23 @@ def restored(checkpoint, world_size: int, global_batch_size: int) -> Iterator[tu
                                "adapters of a finished run, not a training state; start a new run "
                                "(choose another run.name) or take the adapter from that run")
         state = CheckpointState.from_json(state_file.read_text(), f"of {checkpoint.path}")
-        if state.world_size != world_size:
-            raise RuntimeError(f"checkpoint was written by {state.world_size} workers, this run has "
-                               f"{world_size}; start a new run (run.name) to change the worker count")
+        # A DDP checkpoint holds the whole adapter and optimizer (every rank's are the same), and the
+        # data position is in global steps, which any split of the same global batch keeps: a run
+        # re-planned onto fewer workers (a lost node) resumes from it. ZeRO-3's shards (DeepSpeed's
+        # global_step*/ directory) are cut for one world size.
+        hf_dir = Path(ckpt_dir) / CHECKPOINT_SUBDIR
+        zero3 = any(hf_dir.glob("global_step*"))
+        if state.world_size != world_size and zero3:
+            raise RuntimeError(f"checkpoint holds ZeRO-3 shards of {state.world_size} workers, this run "
+                               f"has {world_size}; start a new run (run.name) to change the worker count")
         if state.data_position_rows != state.global_step * global_batch_size:
             raise RuntimeError(f"the checkpoint of {checkpoint.path} stopped {state.data_position_rows} rows "
                                f"into the data, which is not {state.global_step} steps of {global_batch_size} "
                                "rows: it was written under another global batch; start a new run (run.name)")
-        hf_dir = Path(ckpt_dir) / CHECKPOINT_SUBDIR
-        missing = [r for r in range(world_size) if world_size > 1 and not (hf_dir / f"rng_state_{r}.pth").exists()]
+        # The same workers resume where they stopped, each from its own RNG state (a re-planned
+        # worker group is a new split of the work, whose ranks take what the files hold).
+        same_workers = world_size > 1 and state.world_size == world_size
+        missing = [r for r in range(world_size) if same_workers and not (hf_dir / f"rng_state_{r}.pth").exists()]
         if missing:
             raise RuntimeError(f"the checkpoint of {checkpoint.path} lacks the RNG state of rank(s) "
                                f"{', '.join(map(str, missing))}; resuming would not continue the run it "
