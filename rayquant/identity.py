@@ -5,9 +5,10 @@ same run.name is started again and resumes from that directory's checkpoint.
 A resumed run continues the optimizer, the schedule and the data position of the run that wrote
 the checkpoint; resuming it under other data, another model or other settings would train a mix
 of both and record only the new one. So a change is refused before Ray starts, naming each field
-that differs. The few changes that keep the trained steps valid (max_steps going up; a rank's
-micro-batch x accumulation split when its rows per step stay the same) are taken with
-run.resume_anyway (`--resume-anyway`), and the manifest lists them.
+that differs. The few changes that keep the trained steps valid (max_steps going up; under DDP,
+another split of the same global batch: other workers, rows per rank, micro-batch x accumulation,
+as after a lost node) are taken with run.resume_anyway (`--resume-anyway`), and the manifest
+lists them.
 
 The dataset enters as a content hash of the tokenized rows every rank trains on (rayquant.tokens,
 so a change of the file, its format, the tokenizer or seq_len all show), not as a path.
@@ -26,9 +27,11 @@ from rayquant.config import ConfigError
 
 IDENTITY_FILE = "rayquant_identity.json"
 IDENTITY_VERSION = 1
-# Rank r's micro-batch x accumulation split may change when its rows per step stay the same: the
-# trainer then skips the same rows on resume and the gradients are the same token means.
-_SAFE_PREFIXES = ("plan.batch_shape",)
+# How the global batch is split (workers, each rank's rows per step and micro-batch x
+# accumulation) may change: the data position is in global steps and the token-weighted gradient
+# is the same mean over the global batch whatever the split (tests/test_exact_gradients.py); a DDP
+# checkpoint holds the whole adapter and optimizer. Not under ZeRO-3, whose shards are per rank.
+_SPLIT_PREFIXES = ("plan.num_workers", "plan.split", "plan.batch_shape")
 
 
 def rows_sha256(dataset) -> str | None:
@@ -56,16 +59,19 @@ def run_identity(*, model: str, plan: TrainingPlan, sft, total_steps: int, data_
     """The identity of a run as plain JSON values: `sft` is rayquant.config.SftOptions, the rows
     are the tokenized datasets the workers get."""
     job = plan.job
-    ranks, shapes = [], []
+    split, shapes, settings = [], [], []
     for r in range(plan.num_workers):
         assignment, node = plan.for_rank(r)
-        ranks.append({"node_type": assignment.node_type, "samples_per_step": node.samples_per_step,
-                      "quantization": node.quantization, "compute_dtype": node.compute_dtype,
-                      "optimizer": node.optimizer, "placement": node.placement, "backend": node.backend,
-                      "double_quant": node.double_quant, "fp8_path": node.fp8_path})
+        split.append({"node_type": assignment.node_type, "samples_per_step": node.samples_per_step})
         shapes.append({"micro_batch_size": node.micro_batch_size,
                        "gradient_accumulation_steps": node.gradient_accumulation_steps,
                        "gradient_checkpointing": node.gradient_checkpointing})
+        # what each rank computes with (its base's numerics, its optimizer), however many ranks
+        numerics = {"quantization": node.quantization, "compute_dtype": node.compute_dtype,
+                    "optimizer": node.optimizer, "placement": node.placement, "backend": node.backend,
+                    "double_quant": node.double_quant, "fp8_path": node.fp8_path}
+        if numerics not in settings:
+            settings.append(numerics)
     identity = {
         "version": IDENTITY_VERSION,
         "model": model,
@@ -78,7 +84,7 @@ def run_identity(*, model: str, plan: TrainingPlan, sft, total_steps: int, data_
                 "warmup_steps": sft.warmup_steps, "weight_decay": sft.weight_decay,
                 "max_grad_norm": sft.max_grad_norm, "seed": sft.seed},
         "plan": {"global_batch_size": plan.global_batch_size, "num_workers": plan.num_workers,
-                 "ranks": ranks, "batch_shape": shapes},
+                 "settings": settings, "split": split, "batch_shape": shapes},
     }
     return json.loads(json.dumps(identity))  # canonical JSON values (lists, floats as JSON has them)
 
@@ -108,11 +114,12 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[st
     return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
 
-def is_safe(field: str, before: Any, after: Any, checkpoint_step: int) -> bool:
-    """Whether resuming under this change keeps the steps already trained valid."""
+def is_safe(field: str, before: Any, after: Any, checkpoint_step: int, zero3: bool = False) -> bool:
+    """Whether resuming under this change keeps the steps already trained valid (`zero3`: the
+    checkpoint holds ZeRO-3 shards)."""
     if field == "sft.max_steps":
         return isinstance(before, int) and isinstance(after, int) and after >= before and after > checkpoint_step
-    return field.startswith(_SAFE_PREFIXES)
+    return field.startswith(_SPLIT_PREFIXES) and not zero3
 
 
 _SPELLED = {"model": "{model}", "data.train_sha256": "{dataset} (its tokenized rows)",
@@ -131,9 +138,12 @@ def _spelled(field: str) -> str:
         return "{" + field + "}"
     if field == "plan.global_batch_size":
         return "{sft.global_batch_size}"
-    rank = re.fullmatch(r"plan\.(?:ranks|batch_shape)\[(\d+)\]\.(\w+)", field)
+    rank = re.fullmatch(r"plan\.(?:split|batch_shape)\[(\d+)\]\.(\w+)", field)
     if rank:
         return f"the plan's {rank.group(2)} of rank {rank.group(1)}"
+    setting = re.fullmatch(r"plan\.settings\[\d+\]\.(\w+)", field)
+    if setting:
+        return f"the plan's {setting.group(1)}"
     return "the plan's " + field.removeprefix("plan.")
 
 
@@ -191,10 +201,11 @@ def check_resume(run_dir: Path, name: str, identity: Mapping[str, Any], resume_a
                 "To fix: choose another {run.name} to start a new run", [])
         recorded = {k: v for k, v in old.items() if k != "resumed_with_changes"}
         changes = differences(recorded, identity)
-        unsafe = [c for c in changes if not is_safe(*c, step)]
+        zero3 = any(p.get("placement") == "zero3" for p in recorded.get("plan", {}).get("settings", []))
+        unsafe = [c for c in changes if not is_safe(*c, step, zero3)]
         if changes and (unsafe or not resume_anyway):
             lines = "\n".join(f"  - {_spelled(f)}: {_shown(a)} -> {_shown(b)}"
-                              + ("" if is_safe(f, a, b, step) else "  (changes the training: not resumable)")
+                              + ("" if is_safe(f, a, b, step, zero3) else "  (changes the training: not resumable)")
                               for f, a, b in changes)
             fix = ("choose another {run.name} to start a new run, or put the settings back as they were "
                    "to resume this one")

@@ -104,23 +104,38 @@ def test_max_steps_up_resumes_only_when_asked_and_is_recorded(tmp_path):
     assert check_resume(tmp_path, "r", _identity(steps=20), resume_anyway=False) == []  # now the identity
 
 
-def test_max_steps_down_and_a_new_per_rank_share_are_refused_even_when_asked(tmp_path):
+def test_max_steps_down_and_new_numerics_are_refused_even_when_asked(tmp_path):
     check_resume(tmp_path, "r", _identity(steps=10), resume_anyway=False)
     _checkpointed(tmp_path, 4)
     with pytest.raises(ResumeMismatchError, match="sft.max_steps: 10 -> 8"):
         check_resume(tmp_path, "r", _identity(steps=8), resume_anyway=True)
-    with pytest.raises(ResumeMismatchError, match="the plan.s samples_per_step of rank 0: 4 -> 2"):  # 2x2 -> 1x2
-        check_resume(tmp_path, "r", _identity(plan=_plan(micro=(1, 1), accum=(2, 5))), resume_anyway=True)
+    bf16 = _plan()
+    bf16 = dataclasses.replace(bf16, node_plans=tuple(dataclasses.replace(n, quantization="bf16")
+                                                      for n in bf16.node_plans))
+    with pytest.raises(ResumeMismatchError, match="the plan's quantization: \"nf4\" -> \"bf16\""):
+        check_resume(tmp_path, "r", _identity(plan=bf16), resume_anyway=True)
 
 
-def test_a_new_split_of_the_same_rows_per_rank_is_safe(tmp_path):
+def test_another_split_of_the_global_batch_is_safe_under_ddp_only(tmp_path):
     check_resume(tmp_path, "r", _identity(), resume_anyway=False)
     _checkpointed(tmp_path, 4)
-    regrouped = _identity(plan=_plan(micro=(1, 1), accum=(4, 3)))  # rank 0: 2x2 -> 1x4, 4 rows either way
-    assert [f for f, _, _ in differences(_identity(), regrouped)] == ["plan.batch_shape[0].micro_batch_size",
-                                                                      "plan.batch_shape[0].gradient_accumulation_steps"]
-    assert sorted(c["field"] for c in check_resume(tmp_path, "r", regrouped, resume_anyway=True)) == [
-        "plan.batch_shape[0].gradient_accumulation_steps", "plan.batch_shape[0].micro_batch_size"]
+    resplit = _identity(plan=_plan(micro=(1, 1), accum=(2, 5)))  # rank 0: 4 -> 2 rows, rank 1: 3 -> 5
+    with pytest.raises(ResumeMismatchError, match="the plan's samples_per_step of rank 0: 4 -> 2") as err:
+        check_resume(tmp_path, "r", resplit, resume_anyway=False)
+    assert "set run.resume_anyway" in err.value.render(yaml_spelling)
+    assert "samples_per_step" in " ".join(c["field"] for c in check_resume(tmp_path, "r", resplit, True))
+
+    zero = tmp_path / "zero3"
+    zero3 = _plan()
+    zero3 = dataclasses.replace(zero3, node_plans=tuple(dataclasses.replace(n, placement="zero3", backend="hf")
+                                                        for n in zero3.node_plans))
+    check_resume(zero, "r", _identity(plan=zero3), resume_anyway=False)
+    _checkpointed(zero, 4)
+    resplit3 = dataclasses.replace(zero3, node_plans=tuple(dataclasses.replace(n, micro_batch_size=1,
+                                                                               gradient_accumulation_steps=a)
+                                                           for n, a in zip(zero3.node_plans, (2, 5))))
+    with pytest.raises(ResumeMismatchError, match="not resumable"):  # ZeRO-3 shards are per rank
+        check_resume(zero, "r", _identity(plan=resplit3), resume_anyway=True)
 
 
 def test_without_a_checkpoint_nothing_is_resumed_so_any_change_goes(tmp_path):
