@@ -46,35 +46,6 @@ class OutOfMemoryOnce(TrainerCallback):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (raised by a test)")
 
 
-class KillOnce(TrainerCallback):
-    """SIGKILL this worker's own process on `rank` at the end of `step`, once (the marker file), after
-    Ray Train has registered the checkpoint before it (in the driver's progress file under
-    `run_dir`): a checkpoint Ray Train has not registered when a worker dies is not resumed from."""
-
-    def __init__(self, step: int, rank: int, marker: str, run_dir: str, checkpoint_step: int) -> None:
-        self.step, self.rank, self.marker = step, rank, marker
-        self.run_dir, self.checkpoint_step = run_dir, checkpoint_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        import pathlib
-        import signal
-        import time
-
-        import ray.train
-
-        from rayquant.restarts import last_checkpoint_step
-
-        marker = pathlib.Path(self.marker)
-        if (state.global_step == self.step and ray.train.get_context().get_world_rank() == self.rank
-                and not marker.exists()):
-            for _ in range(600):
-                if last_checkpoint_step(pathlib.Path(self.run_dir)) >= self.checkpoint_step:
-                    break
-                time.sleep(0.1)
-            marker.write_text(f"rank {self.rank} killed at step {state.global_step}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 class Tee(io.TextIOBase):
     def __init__(self, *streams) -> None:
         self.streams = streams
@@ -222,34 +193,6 @@ def test_out_of_memory_beyond_max_replans_fails_the_run(root):
     assert "the run re-planned 0 time(s), as many as run.max_replans (0) allows. To fix: raise run.max_replans" in text
     assert kind_of(e.value) == "run"
     assert not (root / "runs" / "no-replans" / "adapter").exists()
-
-
-# -- a real run: a worker SIGKILLed at step 3, restarted by run.max_failures -------------------------
-
-@pytest.mark.ray
-def test_a_killed_worker_is_restarted_with_the_same_plan_and_recorded(root):
-    kill = KillOnce(OOM_AT_STEP, rank=1, marker=str(root / "killed"), run_dir=str(root / "runs" / "killed"),
-                    checkpoint_step=CHECKPOINT_EVERY)
-    trainer = _trainer(root, "killed", kill, run={"max_failures": 1})
-    out = io.StringIO()
-    with contextlib.redirect_stdout(Tee(sys.stdout, out)):
-        result = trainer.fit()
-    assert (root / "killed").read_text().startswith(f"rank 1 killed at step {OOM_AT_STEP}")
-    workers = result.manifest["workers"]
-    assert [w["steps"] for w in workers] == [MAX_STEPS, MAX_STEPS]
-    assert [w["resumed_from_step"] for w in workers] == [CHECKPOINT_EVERY, CHECKPOINT_EVERY]
-    assert [(w["micro_batch_size"], w["gradient_accumulation_steps"]) for w in workers] == [(4, 1), (4, 1)]
-    restarts = result.manifest["run"]["restarts"]
-    assert len(restarts) == 1
-    r = restarts[0]
-    # Killed at the end of step 3, before reporting it: the last step the driver saw is 2.
-    assert {k: r[k] for k in ("at_step", "cause", "node_type", "before", "after", "resumed_from_step", "rank")} == {
-        "at_step": OOM_AT_STEP - 1, "cause": "worker_died", "node_type": "CPU:2", "before": {}, "after": {},
-        "resumed_from_step": CHECKPOINT_EVERY, "rank": 1}
-    line = next(x for x in out.getvalue().splitlines() if "restart 1:" in x)
-    assert line.startswith(f"[rayquant] restart 1: worker died on node type CPU:2 (rank 1) at step "
-                           f"{OOM_AT_STEP - 1}; same plan (")
-    assert line.endswith(f"resuming from step {CHECKPOINT_EVERY}")
 
 
 # -- classification, without a run -------------------------------------------------------------------

@@ -109,6 +109,10 @@ def test_killed_worker_restarted_and_resumed_from_checkpoint(runs):
     last_checkpoint = (FAIL_AT_STEP // CHECKPOINT_EVERY) * CHECKPOINT_EVERY
     assert [w["resumed_from_step"] for w in run.manifest["workers"]] == [last_checkpoint] * 2
     assert run.manifest["run"]["steps"] == MAX_STEPS
+    # Restarted with the same plan (run.max_failures), and the manifest says so.
+    [restart] = run.manifest["run"]["restarts"]
+    assert {k: restart[k] for k in ("cause", "rank", "before", "after", "resumed_from_step")} == {
+        "cause": "worker_died", "rank": 1, "before": {}, "after": {}, "resumed_from_step": last_checkpoint}
     # Ray merged the ranks' checkpoint directories: every rank's RNG state is there to resume from.
     states = list(run.run_dir.glob("checkpoint_*/checkpoint/rayquant_state.json"))
     assert states and all({"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(p.parent)) for p in states)
