@@ -11,8 +11,7 @@ only, so under Ray Train's DDP only rank 0 logs, with no extra code. What rayqua
 - the run's name, shared by every tracker (the Ray Train run's name);
 - the plan and the run's options as parameters (`RunParams`): flat scalars as MLflow params, the
   whole plan and options as MLflow artifacts, W&B config and TensorBoard text;
-- an integration whose package is missing is skipped with a message (`available`), not a crash
-  (W&B is not part of rayquant's lock: `pip install wandb` to use it).
+- an integration whose package is missing is skipped with a message (`available`), not a crash.
 Light at import.
 """
 
@@ -64,6 +63,17 @@ def tracking_env(report_to: tuple[str, ...], run_dir: str | os.PathLike,
         env.setdefault("WANDB_DIR", str(run_dir))
         env.setdefault("WANDB_PROJECT", "rayquant")
     return env
+
+
+def finish_runs(report_to: tuple[str, ...]) -> None:
+    """End the tracking runs this process opened, once training is done: W&B's run stays open until
+    its process exits (transformers' WandbCallback does not finish it), and a Ray Train worker may
+    be ended before W&B writes out what it holds, an offline run's history included."""
+    if "wandb" in report_to:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def flat_params(value: Any, prefix: str) -> dict[str, Any]:

@@ -30,8 +30,9 @@ def run(tmp_path_factory, tiny_llama_dir):
 
     root = tmp_path_factory.mktemp("features")
     write_hub_repo(root / "hub", MODEL, {p.name: p for p in Path(tiny_llama_dir).iterdir() if p.is_file()})
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "RAYQUANT_CACHE")}
-    os.environ.update(HF_HUB_CACHE=str(root / "hub"), RAYQUANT_CACHE=str(root / "cache"))
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "RAYQUANT_CACHE", "WANDB_MODE")}
+    # W&B offline, as a user without an account (or a cluster without the internet) runs it.
+    os.environ.update(HF_HUB_CACHE=str(root / "hub"), RAYQUANT_CACHE=str(root / "cache"), WANDB_MODE="offline")
     try:
         trainer = RayQuantTrainer(
             model=MODEL, dataset=DATA, scaling={"num_workers": 2},
@@ -115,7 +116,19 @@ def test_rank_0_reported_to_tensorboard_and_mlflow_with_the_plan(run):
     assert {"loss", "eval_loss"} <= set(mlrun.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id, "rayquant")}
     assert {"rayquant/plan.json", "rayquant/config.json"} <= artifacts
-    assert result.manifest["run"]["report_to"] == ["tensorboard", "mlflow"]  # wandb: not installed here
+    assert result.manifest["run"]["report_to"] == ["tensorboard", "mlflow", "wandb"]
+
+
+@pytest.mark.ray
+def test_rank_0_reported_to_wandb_offline_with_the_plan(run):
+    result, _ = run
+    # One offline run (rank 0's) under the run directory, named after the run, holding the plan as
+    # its config and the losses: its transaction log keeps them as protobuf records.
+    (offline,) = (result.run_dir / "wandb").glob("offline-run-*")
+    (log,) = offline.glob("run-*.wandb")
+    data = log.read_bytes()
+    assert b"features" in data and b"train/loss" in data and b"eval/loss" in data
+    assert b"plan" in data and b"node_plans" in data and MODEL.encode() in data
 
 
 @pytest.mark.ray

@@ -177,6 +177,10 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str, ev
     else:
         trainer.train()
     train_s = time.perf_counter() - t0
+    if settings.report_to:
+        from rayquant.tracking import finish_runs
+
+        finish_runs(settings.report_to)
 
     final_root = Path(work) / "result"
     final = final_root / "final" / f"rank_{rank}"
