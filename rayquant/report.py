@@ -88,14 +88,7 @@ def plot_plan(plan, path: str) -> None:
     ax.set_title(f"{plan.model}: predicted peak memory per worker")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    from planner.atomic import SIGNATURE, write_atomically
-
-    # The signature in the file's metadata lets a later --plot tell its own plot from a user's file.
-    meta = {"Creator": SIGNATURE} if str(path).lower().endswith(".svg") else {"Software": SIGNATURE}
-    try:
-        write_atomically(path, write=lambda tmp: fig.savefig(tmp, metadata=meta))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def estimate_text(result: dict) -> str:
@@ -187,6 +180,14 @@ def plot_compare(result: dict, path: str) -> None:
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure atomically, signed in its metadata (a later --plot tells its own
+    plot from a user's file by it), and close it."""
+    import matplotlib.pyplot as plt
+
     from planner.atomic import SIGNATURE, write_atomically
 
     meta = {"Creator": SIGNATURE} if str(path).lower().endswith(".svg") else {"Software": SIGNATURE}
