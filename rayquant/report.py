@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from planner.hardware import GIB
+from planner.hardware import CPU_DEVICE, GIB
 from planner.throughput import expected_error_text
 from planner.plan import MemoryBreakdown
 
@@ -36,10 +36,15 @@ def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset
 def plan_table(plan, spell=None) -> str:
     """The human-readable plan: choices, memory breakdown and reasons per node type."""
     job = plan.job
+    if all(p.gpu == CPU_DEVICE for p in plan.node_plans):
+        # The throughput model's constants and error come from GPU runs only.
+        error = "a GPU model's figure: CPU workers train far slower"
+    else:
+        error = (f"{expected_error_text()}: the model's median error on measured runs; "
+                 "`rayquant calibrate` measures a GPU type")
     lines = [f"Plan for {plan.model}: {plan.num_workers} worker(s), global batch "
              f"{plan.global_batch_size} x {job.seq_len} tokens, safety margin {job.safety_margin:.0%}",
-             f"Predicted throughput: {plan.tokens_per_second:,.0f} tokens/s ({expected_error_text()}: the "
-             f"model's median error on measured runs; `rayquant calibrate` measures a GPU type)", ""]
+             f"Predicted throughput: {plan.tokens_per_second:,.0f} tokens/s ({error})", ""]
     heads = ["node type", "nodes", "workers", "quant", "micro", "accum", "optimizer", "ckpt",
              "placement", "peak/budget GiB", "tok/s/worker"]
     rows = [[p.node_type, p.nodes, p.num_workers, p.quantization, p.micro_batch_size,

@@ -16,3 +16,17 @@ def test_table_aligns_columns():
     lines = text.splitlines()
     assert lines[0] == "name         GiB" and lines[-1] == "long name  10.00"
     assert len({len(line) for line in lines}) == 1
+
+
+def test_a_cpu_plan_does_not_claim_the_gpu_models_error():
+    from planner.hardware import parse_gpu_spec
+    from planner.plan import JobSpec
+    from planner.search import make_plan
+    from planner.throughput import expected_error_text
+    from rayquant.report import plan_table
+
+    job = JobSpec(seq_len=128, global_batch_size=8)
+    cpu = plan_table(make_plan("meta-llama/Llama-3.2-1B", parse_gpu_spec("1x2xCPU"), job))
+    gpu = plan_table(make_plan("meta-llama/Llama-3.1-8B", parse_gpu_spec("1x1xA10G"), job))
+    assert "CPU workers train far slower" in cpu and expected_error_text() not in cpu.splitlines()[1]
+    assert f"({expected_error_text()}: the model's median error" in gpu
