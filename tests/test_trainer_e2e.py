@@ -62,7 +62,7 @@ def runs(tmp_path_factory):
     """(killed and resumed run, the same run uninterrupted, row ids by their tokens, root)."""
     import ray
 
-    from train_callbacks import KillOnce, RowLog, unique_alpaca
+    from train_callbacks import KillOnce, RowLog, Threads, unique_alpaca
 
     root = tmp_path_factory.mktemp("e2e")
     unique_alpaca(DATA, root / "data.jsonl")
@@ -72,7 +72,7 @@ def runs(tmp_path_factory):
         trainer, killed = _fit(root, "e2e", [KillOnce(FAIL_AT_STEP, rank=1, marker=str(root / "killed")),
                                              RowLog(str(root / "rows-killed"))])
         # The same name again: the first run finished, so this one starts beside it.
-        _, reference = _fit(root, "e2e", [RowLog(str(root / "rows-reference"))],
+        _, reference = _fit(root, "e2e", [RowLog(str(root / "rows-reference")), Threads(str(root / "threads"))],
                             output_dir=str(root / "elsewhere"))
         rows = trainer.check().tokens.dataset["input_ids"]
     finally:
@@ -150,6 +150,16 @@ def test_resumed_ranks_train_each_row_once_as_the_uninterrupted_run(runs):
         assert sorted(resumed) == list(range(1, MAX_STEPS + 1))
         # each row of the rank's first MAX_STEPS global-batch slices once, in order
         assert trained == shard_indices(len(row_ids), per_rank, rank)[:MAX_STEPS * per_rank[rank]]
+
+
+@pytest.mark.ray
+def test_each_worker_trains_with_the_threads_ray_gave_it(runs):
+    # Ray sets OMP_NUM_THREADS (1 CPU per worker here) after the process-setup hook imported torch
+    # with every core; the worker applies it, else two workers on two cores oversubscribe them.
+    root = runs[3]
+    for rank in (0, 1):
+        threads = json.loads((root / "threads" / f"threads-rank{rank}.json").read_text())
+        assert threads == {"torch": 1, "omp": "1"}
 
 
 @pytest.mark.ray

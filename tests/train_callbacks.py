@@ -62,6 +62,21 @@ class RowLog(TrainerCallback):
             self.handle.remove()
 
 
+class Threads(TrainerCallback):
+    """Write the torch threads this rank trains with, and the OMP_NUM_THREADS Ray gave it, to
+    `<folder>/threads-rank<r>.json` when training begins."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_begin(self, args, state, control, **kw):
+        import torch
+
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.folder) / f"threads-rank{_rank()}.json").write_text(json.dumps(
+            {"torch": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}))
+
+
 class KillOnce(TrainerCallback):
     """SIGKILL this process after optimizer step `step` on rank `rank`, once per run: the marker
     file says it happened, so the restarted worker trains on.

@@ -80,6 +80,12 @@ def train_loop_per_worker(config: WorkerConfig, dataset_ref, model_path: str, ev
     import ray.train
     import torch
 
+    # Ray sets OMP_NUM_THREADS to the worker's CPUs when the task starts, after the process-setup
+    # hook has imported torch (through unsloth) with every core: without this each CPU worker runs
+    # a thread per core, and two workers on two cores train 3-4x slower (benchmarks/bench_trainer.py).
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
     from rayquant.adapters import adapter_sha256
     from rayquant.data import shard_indices
     from rayquant.loading import load_for_training, quantization_report, quantized_module_counts
