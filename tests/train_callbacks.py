@@ -87,12 +87,23 @@ class KillOnce(TrainerCallback):
     report can lose that checkpoint (the run then resumes from the one before, still correctly),
     which would not test resuming from it."""
 
-    def __init__(self, step: int, rank: int, marker: str) -> None:
+    def __init__(self, step: int, rank: int, marker: str, run_dir: str | None = None,
+                 checkpoint_step: int = 0) -> None:
         self.at, self.rank, self.marker = step, rank, marker
+        self.run_dir, self.checkpoint_step = run_dir, checkpoint_step
 
     def on_log(self, args, state, control, **kw):
         marker = Path(self.marker)
         if state.global_step == self.at and _rank() == self.rank and not marker.exists():
+            if self.run_dir is not None:
+                # The queue of one is not always enough (seen under ZeRO-3): wait until the driver
+                # registered `checkpoint_step` (rayquant.restarts reads what Ray Train registered).
+                from rayquant.restarts import last_checkpoint_step
+
+                for _ in range(600):
+                    if last_checkpoint_step(Path(self.run_dir)) >= self.checkpoint_step:
+                        break
+                    time.sleep(0.1)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps({"rank": self.rank, "step": state.global_step, "pid": os.getpid(),
                                           "time": time.time()}))
@@ -143,3 +154,15 @@ def trained_rows(folder, rank: int) -> list[tuple[int, int, list[list[int]]]]:
     lines = [json.loads(x) for x in (Path(folder) / f"rows-rank{rank}.jsonl").read_text().splitlines()]
     pids = list(dict.fromkeys(x["pid"] for x in lines))
     return [(pids.index(x["pid"]), x["step"], x["rows"]) for x in lines]
+
+
+def assert_same_training(resumed, reference) -> None:
+    """The resumed run's adapter is the uninterrupted run's, tensor for tensor, and so is its loss
+    curve (two TrainResults)."""
+    from safetensors.torch import load_file
+
+    assert resumed.manifest["adapter_sha256"] == reference.manifest["adapter_sha256"]
+    a = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(reference.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert resumed.manifest["loss"]["curve"] == reference.manifest["loss"]["curve"]
