@@ -104,6 +104,13 @@ _RANK = textwrap.dedent("""
         torch.save(grads.grads, os.path.join(out, f"{mode}_rank{rank}.pt"))
         with open(os.path.join(out, f"{mode}_rank{rank}.json"), "w") as f:
             json.dump({"engine": type(trainer.model_wrapped).__name__}, f)
+    # A clean shutdown: left to interpreter exit, gloo's threads can abort a rank (SIGABRT) after
+    # it finished.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 """)
 
 

@@ -148,6 +148,12 @@ _RUN = textwrap.dedent("""
     trainer.save_model(os.path.join(out_dir, "adapter"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
+    # A clean shutdown: left to interpreter exit, gloo's threads can abort a rank ("terminate called
+    # without an active exception", SIGABRT) after it finished.
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 """)
 
 
