@@ -26,6 +26,7 @@ import textwrap
 import pytest
 
 from planner.plan import JobSpec, MemoryBreakdown, NodePlan, TrainingPlan, WorkerAssignment
+from train_callbacks import free_port
 
 DATA = "examples/data/tiny_alpaca.jsonl"
 SEQ_LEN = 96  # the tokenizer is character-level: some rows are cut at 96, most are shorter
@@ -114,14 +115,6 @@ _RANK = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tokenized_rows(model_dir, data):
     """The rows as the driver tokenizes them (rayquant.tokens), in the shuffled order shards are cut from."""
     from transformers import AutoTokenizer
@@ -185,7 +178,7 @@ def ddp_step(request, tiny_llama_dir, tmp_path_factory):
                PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(_free_port()), str(script), str(tiny_llama_dir), str(tmp / "rows.json"), str(tmp / "plan.json"),
+         str(free_port()), str(script), str(tiny_llama_dir), str(tmp / "rows.json"), str(tmp / "plan.json"),
          str(tmp / "out"), request.param], env=env, cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from train_callbacks import trained_rows

@@ -19,6 +19,7 @@ import pytest
 from planner.plan import JobSpec, MemoryBreakdown, NodePlan, PlanError, TrainingPlan, WorkerAssignment
 from planner.atomic import write_atomically
 from rayquant.zero import bnb_config_kwargs, check_zero3_plan, zero3_config, zero3_problems
+from train_callbacks import free_port
 
 
 def zero_plan(key="A10G:1", quantization="nf4", micro=2, accum=1, optimizer="adamw_torch",
@@ -157,14 +158,6 @@ _RUN = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_zero3_qlora_trains_on_two_cpu_processes(tiny_llama_dir, tmp_path):
     script = tmp_path / "zero3_run.py"
     script.write_text(_RUN)
@@ -172,7 +165,7 @@ def test_zero3_qlora_trains_on_two_cpu_processes(tiny_llama_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(script), str(tiny_llama_dir), str(tmp_path / "out")],
         env=env, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]

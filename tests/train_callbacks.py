@@ -166,3 +166,12 @@ def assert_same_training(resumed, reference) -> None:
     b = load_file(str(reference.adapter_dir / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert resumed.manifest["loss"]["curve"] == reference.manifest["loss"]["curve"]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (torchrun's --master_port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
